@@ -1,0 +1,274 @@
+"""pso_jax configuration for chest radiographs.
+
+`get_config("")` is the reference recipe (ChestX-ray14, 512 px, SD-VAE latents 4x64x64, EDM2-xs,
+pseudo-conditioning on 2048-d SwAV features, batch 2048; reference/trichotomy.md).
+`get_config("demo")` runs the whole pipeline on the embedded phantom dataset in minutes on 2 CPU
+cores, `get_config("tiny")` in seconds, for tests. Variants change numbers, never structure, so
+every field exists in every variant and `--config.a.b=v` overrides work the same everywhere.
+"""
+
+import ml_collections
+
+FINDINGS = (
+    "No Finding", "Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
+    "Pleural Effusion", "Pneumonia", "Pneumothorax",
+)
+
+
+def _recipe():
+  c = ml_collections.ConfigDict()
+  c.variant = ""
+  c.seed = 42
+
+  # ---------------------------------------------------------------- data
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "filelist"            # phantom | filelist | csv
+  d.name = "cxr8"                  # dataset name in cards and the latent statistics table
+  d.findings = FINDINGS
+  d.image_size = 512               # images are decoded, converted and resized to this
+  d.channels = 3                   # 1 = grey, 3 = RGB (grey replicated), as the VAE expects
+  d.filelist = ""                  # `<relative path> l0 ... l7` per line (reference format)
+  d.csv = ""                       # generic CSV: path, patient_id, 8 label columns
+  d.image_root = ""                # relative paths are resolved against this folder
+  d.path_style = "auto"            # auto | cxr8 | chexpert | mimic | csv: how patient ids are read
+  d.split_fractions = (0.8, 0.1, 0.1)
+  d.split_seed = 42
+  d.single_label_train_val = True  # reference rule: train/val keep single-label rows, test multi
+  d.batch_size = 32                # loader batch for prepare / feature extraction
+  d.worker_count = 0               # grain workers (0 = in-process)
+  d.prepare_chunk = 256            # records written per resumable chunk
+  d.phantom = p = ml_collections.ConfigDict()
+  p.num_patients = 1000
+  p.scans_per_patient = 4
+  p.seed = 0
+  # per-finding prevalence (No Finding is implied by none of the 7 others)
+  p.prevalence = (0.0, 0.12, 0.10, 0.08, 0.08, 0.12, 0.06, 0.06)
+  p.multi_label_rate = 0.15        # share of scans that may carry a second finding
+  # latent space the diffusion model works in
+  d.latent = l = ml_collections.ConfigDict()
+  l.kind = "sd_vae"                # identity | sd_vae
+  l.vae_dir = ""                   # diffusers folder: config.json + diffusion_pytorch_model.safetensors
+  l.sample_posterior = True        # reference stores one posterior sample, not the mean
+  l.mean = (7.00, 2.91, 0.94, -2.75)   # cxr8 raw channel statistics (trichotomy.md 2.4)
+  l.std = (3.13, 4.18, 2.89, 2.61)
+  l.final_std = 0.5
+  # pseudo-conditioning features (unit-norm, one per training image)
+  d.features = f = ml_collections.ConfigDict()
+  f.kind = "file"                  # random_projection | file | resnet50
+  f.path = ""                      # .npy [N_train, dim] aligned with the train filelist
+  f.weights = ""                   # torchvision-format ResNet-50 weights for kind=resnet50
+  f.dim = 2048
+  f.pool_size = 16                 # random_projection: pixels are average-pooled to this first
+  f.seed = 7
+
+  # ---------------------------------------------------------------- diffusion model (EDM2)
+  c.model = m = ml_collections.ConfigDict()
+  m.preset = "xs"                  # xs | s | m | demo | tiny (pso_jax.models.presets)
+  m.cond = "pseudo"                # uncond | class | pseudo
+  m.dtype = "float32"              # activation dtype: float32 | bfloat16 (weights, norms, loss fp32)
+  m.dropout = 0.0
+  m.sigma_data = 0.5
+
+  c.diffusion = df = ml_collections.ConfigDict()
+  df.p_mean = -0.4
+  df.p_std = 1.0
+
+  # in-graph diversity regulariser (METHOD.md 2): each part off when 0
+  c.regulariser = r = ml_collections.ConfigDict()
+  r.enabled = True
+  r.cond_dropout = 0.1             # (a) null condition with this probability
+  r.jitter = 0.05                  # (b) Gaussian noise scale on the unit-norm condition
+  r.kanon_k = 0                    # (c) k distinct patients per condition (0 = off)
+  r.kanon_prob = 0.5               # share of steps' conditions replaced by the k-anonymous mean
+
+  # ---------------------------------------------------------------- training
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 2048              # global batch
+  t.grad_accum = 1                 # micro-batches per step (global batch / grad_accum each)
+  t.total_images = 2048 << 16      # reference duration: 128 Mi images
+  t.lr_ref = 0.0012                # submit_train.sh
+  t.t_ref_batches = 17000
+  t.warmup_images = 10_000_000
+  t.adam_b1 = 0.9
+  t.adam_b2 = 0.99
+  t.adam_eps = 1e-8
+  t.ema_stds = (0.05, 0.10)
+  t.snapshot_images = 8 << 20      # EMA snapshots for post-hoc reconstruction
+  t.checkpoint_images = 8 << 20
+  t.keep_checkpoints = 3
+  t.log_every_steps = 32
+  t.nan_patience = 8               # stop after this many consecutive non-finite losses
+  t.async_checkpoint = True
+
+  c.mesh = ms = ml_collections.ConfigDict()
+  ms.data = -1                     # -1: all devices not used by fsdp
+  ms.fsdp = 1
+  ms.fsdp_min_size = 2 ** 18       # kernels with at least this many elements are FSDP-sharded
+
+  c.distributed = ds = ml_collections.ConfigDict()
+  ds.enabled = False               # True or auto-detected cluster env -> jax.distributed.initialize()
+  ds.coordinator_address = ""
+  ds.num_processes = 0
+  ds.process_id = -1
+
+  # ---------------------------------------------------------------- re-identification model
+  c.reid = ri = ml_collections.ConfigDict()
+  ri.arch = "resnet50"             # resnet50 | small_resnet
+  ri.weights = ""                  # optional torchvision ResNet-50 init
+  ri.image_size = 256
+  ri.embed_dim = 128
+  ri.width = 32                    # small_resnet base width
+  ri.batch_size = 32
+  ri.steps = 20000
+  ri.lr = 1e-4
+  ri.temperature = 0.1             # metric-learning loss temperature
+  ri.tau_mode = "fpr"              # fpr: tau at a target false-positive rate | prob05: reference rule
+  ri.target_fpr = 1e-3
+  ri.bootstrap = 1000
+
+  # ---------------------------------------------------------------- finding classifier
+  c.classifier = cl = ml_collections.ConfigDict()
+  cl.arch = "densenet121"          # densenet121 | small_resnet
+  cl.weights = ""                  # optional torchvision DenseNet-121 (ImageNet) init
+  cl.image_size = 224
+  cl.width = 32
+  cl.batch_size = 16
+  cl.lr = 1e-4
+  cl.weight_decay = 1e-5
+  cl.epochs = 100
+  cl.steps = 0                     # >0 overrides epochs
+  cl.augment = True                # random resized crop + flip
+  cl.ten_crop_test = True
+
+  # ---------------------------------------------------------------- sampling and selection
+  c.sample = sm = ml_collections.ConfigDict()
+  sm.steps = 32
+  sm.sigma_min = 0.002
+  sm.sigma_max = 80.0
+  sm.rho = 7.0
+  sm.guidance = 1.2
+  sm.guide = "null_cond"           # null_cond | separate | autoguidance
+  sm.guide_workdir = ""            # separate / autoguidance: the guide's training workdir
+  sm.guide_step = -1               # autoguidance: checkpoint step of the guide
+  sm.ema_std = 0.10                # EMA width used for sampling (0 = raw weights)
+  sm.batch_size = 64
+  sm.grid = 8                      # preview grid side
+
+  c.select = se = ml_collections.ConfigDict()
+  se.n_candidates = 32
+  se.guidance_step = 0.1
+  se.guidance_floor = 0.7
+  se.max_rounds = 6
+  se.second = False
+
+  # ---------------------------------------------------------------- audit
+  c.audit = a = ml_collections.ConfigDict()
+  a.tau = -1.0                     # <0: use the re-id model's calibrated threshold
+  a.top_k = 10
+  a.query_block = 1024
+  a.ref_block = 16384
+  a.dtype = "float32"              # float32 | bfloat16 inputs (fp32 accumulate, fp32 re-score)
+  a.weight_bound = -1.0            # <0: 1 / n_train_patients
+  a.risk_bound = 0.05              # verdict: residual-risk upper CI must stay below
+  a.canaries = 0                   # plant this many exact + near copies (tests / demo check)
+
+  # ---------------------------------------------------------------- evaluation
+  c.evaluate = ev = ml_collections.ConfigDict()
+  ev.bootstrap = 1000
+  ev.fd_dim = 2048
+
+  c.report = rp = ml_collections.ConfigDict()
+  rp.grid = 8
+  return c
+
+
+def _demo(c):
+  c.variant = "demo"
+  d = c.data
+  d.source = "phantom"
+  d.name = "phantom"
+  d.image_size = 32
+  d.channels = 1
+  d.batch_size = 64
+  d.phantom.num_patients = 240
+  d.phantom.scans_per_patient = 4
+  d.latent.kind = "identity"
+  d.latent.mean = (0.0,)
+  d.latent.std = (1.0,)
+  d.features.kind = "random_projection"
+  d.features.dim = 64
+  d.features.pool_size = 16
+  c.model.preset = "demo"
+  c.train.batch_size = 64
+  c.train.total_images = 64 * 1500
+  c.train.lr_ref = 0.01
+  c.train.t_ref_batches = 1000
+  c.train.warmup_images = 64 * 100
+  c.train.snapshot_images = 64 * 500
+  c.train.checkpoint_images = 64 * 250
+  c.train.log_every_steps = 25
+  c.reid.arch = "small_resnet"
+  c.reid.image_size = 32
+  c.reid.embed_dim = 64
+  c.reid.batch_size = 64
+  c.reid.steps = 600
+  c.reid.lr = 1e-3
+  c.classifier.arch = "small_resnet"
+  c.classifier.image_size = 32
+  c.classifier.batch_size = 64
+  c.classifier.lr = 1e-3
+  c.classifier.weight_decay = 1e-5
+  c.classifier.steps = 800
+  c.classifier.ten_crop_test = False
+  c.sample.steps = 16
+  c.sample.batch_size = 128
+  c.select.n_candidates = 4
+  c.audit.query_block = 256
+  c.audit.ref_block = 1024
+  c.evaluate.bootstrap = 200
+  return c
+
+
+def _tiny(c):
+  c = _demo(c)
+  c.variant = "tiny"
+  d = c.data
+  d.image_size = 16
+  d.batch_size = 16
+  d.phantom.num_patients = 40
+  d.phantom.scans_per_patient = 3
+  d.features.dim = 16
+  d.features.pool_size = 8
+  c.model.preset = "tiny"
+  c.train.batch_size = 8
+  c.train.total_images = 8 * 6
+  c.train.warmup_images = 8 * 2
+  c.train.snapshot_images = 8 * 3
+  c.train.checkpoint_images = 8 * 3
+  c.train.log_every_steps = 2
+  c.reid.image_size = 16
+  c.reid.embed_dim = 16
+  c.reid.width = 8
+  c.reid.batch_size = 16
+  c.reid.steps = 20
+  c.classifier.image_size = 16
+  c.classifier.width = 8
+  c.classifier.batch_size = 16
+  c.classifier.steps = 20
+  c.sample.steps = 4
+  c.sample.batch_size = 16
+  c.select.n_candidates = 2
+  c.select.max_rounds = 2
+  c.audit.query_block = 32
+  c.audit.ref_block = 64
+  c.evaluate.bootstrap = 50
+  return c
+
+
+def get_config(arg: str = ""):
+  variants = {"": lambda c: c, "demo": _demo, "tiny": _tiny}
+  if arg not in variants:
+    raise ValueError(
+        f"configs/cxr.py has no variant {arg!r}; use one of "
+        f"{sorted(v or '(empty: reference recipe)' for v in variants)}, e.g. configs/cxr.py:demo")
+  return variants[arg](_recipe())

@@ -1,0 +1,44 @@
+"""Test set-up: 8 fake CPU devices for every test (meshes of 1 device take jax.devices()[:1])."""
+
+import os
+import sys
+
+os.environ.setdefault("PSO_JAX_NO_PROGRESS", "1")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+
+def load_config(variant: str = "tiny"):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("cxr_config", os.path.join(ROOT, "configs", "cxr.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+@pytest.fixture
+def tiny_config():
+  return load_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def reference_filelists():
+  path = os.path.join(SHARED, "data", "reference_filelists")
+  if not os.path.isdir(path):
+    pytest.skip("../shared/data/reference_filelists is not beside this checkout")
+  return path
