@@ -1,0 +1,30 @@
+"""Benchmarks: `python -m pso_jax.bench NAME [flags]`, NAME in data | train | audit | sample | vae.
+
+Each prints its figures as ratios against a reference measured in the same run (the machine's
+matmul rate, faiss, ...), never as absolute targets.
+"""
+
+import importlib
+import sys
+
+BENCHES = {
+    "data": "pso_jax.bench.data",
+    "train": "pso_jax.bench.train",
+    "audit": "pso_jax.bench.audit",
+    "sample": "pso_jax.bench.sample",
+    "vae": "pso_jax.bench.vae",
+}
+
+
+def main():
+  if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
+    print(__doc__.strip())
+    print("available:", ", ".join(BENCHES))
+    sys.exit(2)
+  name = sys.argv.pop(1)
+  module = importlib.import_module(BENCHES[name])
+  module.main(sys.argv)
+
+
+if __name__ == "__main__":
+  main()
