@@ -7,6 +7,7 @@
 Every process of a multi-host run executes this same program.
 """
 
+import json
 import os
 import sys
 import time
@@ -14,7 +15,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pso_jax import stages, workdir as workdir_lib
+from pso_jax import progress, stages, workdir as workdir_lib
 from pso_jax.errors import UserError
 
 config_flags.DEFINE_config_file("config", None, "configs/cxr.py[:demo|:tiny]", lock_config=True)
@@ -40,16 +41,31 @@ def run_modes(config, workdir: str, mode: str, **options) -> dict:
   modes = [s.mode for s in stages.STAGES] if mode == "pipeline" else [mode]
   runners = [(m, stages.get_stage(m)) for m in modes]  # fail on a missing stage before work starts
   results, timings = {}, {}
+  overall = progress.bar(total=len(runners), desc="pipeline", unit="stage") if len(runners) > 1 else None
   for i, (m, run) in enumerate(runners):
     if jax.process_index() == 0:
       logging.info("stage %d/%d: %s", i + 1, len(runners), m)
+    if overall is not None:
+      overall.set_postfix_str(m)
     start = time.time()
     kwargs = {"compare": options.get("compare")} if m == "report" else {}
     results[m] = run(config, workdir, **kwargs)
     timings[m] = time.time() - start
     if jax.process_index() == 0:
+      record_timing(workdir, m, timings[m])
       print(f"[pso_jax] {m}: done in {timings[m]:.1f} s", flush=True)
+    if overall is not None:
+      overall.update(1)
+  if overall is not None:
+    overall.close()
   return {"results": results, "timings": timings}
+
+
+def record_timing(workdir: str, mode: str, seconds: float) -> None:
+  """Appends one stage run's wall time to timings.jsonl (the report sums them per stage)."""
+  line = json.dumps({"stage": mode, "seconds": round(seconds, 3), "finished": time.time()})
+  with open(os.path.join(workdir, "timings.jsonl"), "a", encoding="utf-8") as f:
+    f.write(line + "\n")
 
 
 def main(argv):
