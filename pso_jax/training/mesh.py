@@ -1,0 +1,84 @@
+"""The device mesh every jitted training function runs on: axes ('data', 'fsdp').
+
+The batch is split over both axes (every device sees its own images); large parameters and their
+optimizer and EMA copies are additionally split over 'fsdp' (sharding.py).
+"""
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from pso_jax.errors import UserError, require
+
+AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the leading (batch) axis of every input is split over both
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) sizes from the config; data = -1 takes every device fsdp leaves."""
+  data, fsdp = int(mesh_config.data), int(mesh_config.fsdp)
+  require(fsdp >= 1, f"config.mesh.fsdp={fsdp} must be >= 1 (1 = no parameter sharding)")
+  if data == -1:
+    require(num_devices % fsdp == 0,
+            f"config.mesh.fsdp={fsdp} does not divide the {num_devices} devices; choose an fsdp "
+            f"size that divides {num_devices}, e.g. --config.mesh.fsdp=1")
+    data = num_devices // fsdp
+  require(data >= 1, f"config.mesh.data={data} must be -1 (fill) or >= 1")
+  if data * fsdp > num_devices:
+    raise UserError(
+        f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices but only {num_devices} are "
+        f"available; use --config.mesh.data=-1 to fill the devices, or a smaller mesh")
+  return data, fsdp
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  """A ('data', 'fsdp') mesh with Auto (GSPMD) axes over `devices` (default: all devices).
+
+  A mesh smaller than the device list uses its first devices (single-process runs only: every
+  process of a multi-host run must own part of the mesh).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  data, fsdp = mesh_shape(mesh_config, len(devices))
+  used = devices[:data * fsdp]
+  if jax.process_count() > 1:
+    require(len(used) == len(devices),
+            f"a multi-process run must use every device: mesh data={data} x fsdp={fsdp} uses "
+            f"{len(used)} of {len(devices)}; use --config.mesh.data=-1")
+  return jax.make_mesh((data, fsdp), AXES, axis_types=(AxisType.Auto,) * 2, devices=used)
+
+
+def micro_batch_size(global_batch: int, grad_accum: int, mesh: Mesh) -> int:
+  """The micro-batch size, after checking the batch splits evenly over micro-batches and devices."""
+  n = mesh.size
+  require(global_batch >= 1 and grad_accum >= 1,
+          f"config.train.batch_size={global_batch} and grad_accum={grad_accum} must be positive")
+  require(global_batch % grad_accum == 0,
+          f"global batch {global_batch} is not divisible by config.train.grad_accum={grad_accum}; "
+          "choose a grad_accum that divides config.train.batch_size")
+  micro = global_batch // grad_accum
+  if micro % n:
+    good = n * grad_accum * max(1, round(global_batch / (n * grad_accum)))
+    raise UserError(
+        f"global batch {global_batch} (micro-batch {micro} with grad_accum={grad_accum}) is not "
+        f"divisible by the {n} devices of the mesh; use a batch that is a multiple of "
+        f"{n * grad_accum}, e.g. --config.train.batch_size={good}")
+  require(global_batch % jax.process_count() == 0,
+          f"global batch {global_batch} is not divisible by the {jax.process_count()} processes")
+  return micro
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def describe(mesh: Mesh) -> str:
+  kinds = sorted({d.device_kind for d in np.ravel(mesh.devices)})
+  return (f"mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} over "
+          f"{math.prod(mesh.devices.shape)} {'/'.join(kinds)} device(s), "
+          f"{jax.process_count()} process(es)")
