@@ -1,0 +1,172 @@
+"""A small sharded supervised trainer, shared by the re-id embedder and the finding classifier.
+
+The train step is one jitted pure function `(state, batch, key) -> (state, metrics)`: parameters
+and optimizer state replicated, the batch split over the mesh's 'data' axis (GSPMD inserts the
+gradient all-reduce, and BatchNorm statistics are those of the global batch). The caller supplies
+three pieces:
+  - `sampler(step) -> dict of numpy arrays`: the global batch, a deterministic function of step,
+    so every process of a multi-host run builds the same batch and keeps its own shard;
+  - `inputs_fn(images, key) -> float inputs`: in-graph augmentation from the step key;
+  - `loss_fn(outputs, batch) -> (loss, metrics)`.
+`val_fn(variables) -> float` (lower is better) picks the best checkpoint.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pso_jax import io_utils, progress
+from pso_jax.errors import UserError
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  model_state: Any  # non-trained collections (BatchNorm statistics); {} when there are none
+  opt_state: Any
+
+  @property
+  def variables(self) -> dict:
+    return {"params": self.params, **self.model_state}
+
+
+@dataclasses.dataclass
+class FitResult:
+  variables: dict           # final weights (host numpy)
+  best_variables: dict      # weights with the lowest validation value (final when no val_fn)
+  best_step: int
+  best_val: Optional[float]
+  history: list             # {"step", "loss", ...} every log_every steps, plus val entries
+  seconds: float
+
+
+def get_mesh(config) -> jax.sharding.Mesh:
+  """The project's ('data', 'fsdp') mesh; our CNNs are small, so they only use 'data'."""
+  try:
+    from pso_jax.training.mesh import make_mesh
+  except ImportError:
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    return jax.make_mesh((jax.device_count(), 1), ("data", "fsdp"), axis_types=auto)
+  return make_mesh(config.mesh)
+
+
+def make_optimizer(lr: float, weight_decay: float = 0.0, steps: int = 0,
+                   schedule: str = "constant") -> optax.GradientTransformation:
+  """Adam with L2 weight decay added to the gradient (torch.optim.Adam's weight_decay, as in the
+  reference classifier), constant or cosine-decayed learning rate."""
+  if schedule == "cosine":
+    warmup = max(1, steps // 20)
+    lr = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr * 0.01)
+  parts = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
+  return optax.chain(*parts, optax.adam(lr))
+
+
+def create_state(variables: dict, optimizer) -> TrainState:
+  variables = dict(variables)
+  params = variables.pop("params")
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                    opt_state=optimizer.init(params))
+
+
+def to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global array from a host array every process holds in full (each keeps its own shards)."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def make_train_step(model, optimizer, inputs_fn: Callable, loss_fn: Callable, mesh):
+  replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+  def train_step(state: TrainState, batch: dict, key):
+    step_key = jax.random.fold_in(key, state.step)
+    x = inputs_fn(batch["image"], step_key)
+    mutable = list(state.model_state) or False
+
+    def objective(params):
+      result = model.apply({"params": params, **state.model_state}, x, train=True, mutable=mutable)
+      outputs, updates = result if mutable else (result, {})
+      loss, metrics = loss_fn(outputs, batch)
+      return loss, (updates, metrics)
+
+    (loss, (updates, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    deltas, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, deltas),
+                          model_state={**state.model_state, **updates}, opt_state=opt_state)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+    return state, metrics
+
+  return jax.jit(train_step, in_shardings=(replicated, batch_sharded, replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def fit(*, model, variables: dict, optimizer, inputs_fn: Callable, loss_fn: Callable,
+        sampler: Callable[[int], dict], steps: int, key, mesh, desc: str = "train",
+        val_fn: Optional[Callable[[dict], float]] = None, eval_every: int = 0,
+        log_every: int = 50) -> FitResult:
+  """Runs `steps` train steps; evaluates `val_fn` every `eval_every` steps and at the end."""
+  batch_size = len(sampler(0)["image"])
+  n_data = mesh.shape["data"]
+  if batch_size % n_data:
+    raise UserError(f"{desc}: batch size {batch_size} is not divisible by the mesh's data axis "
+                    f"({n_data} devices); choose a batch size that is a multiple of {n_data}")
+  replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  step_fn = make_train_step(model, optimizer, inputs_fn, loss_fn, mesh)
+  state = jax.device_put(create_state(variables, optimizer), replicated)
+  key = jax.device_put(key, replicated)
+  history, best = [], (None, 0, None)  # (best value, step, host variables)
+  start = time.time()
+  eval_every = eval_every or steps
+  with progress.bar(total=steps, desc=desc, unit="step") as pbar:
+    for step in range(steps):
+      batch = {k: to_global(v, batch_sharded) for k, v in sampler(step).items()}
+      state, metrics = step_fn(state, batch, key)
+      if (step + 1) % log_every == 0 or step + 1 == steps:
+        entry = {"step": step + 1, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+        history.append(entry)
+        pbar.set_postfix(loss=f"{entry['loss']:.4f}")
+      if val_fn is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+        value = float(val_fn(state.variables))
+        history.append({"step": step + 1, "val": value})
+        if best[0] is None or value < best[0]:
+          best = (value, step + 1, jax.device_get(state.variables))
+      pbar.update(1)
+  final = jax.device_get(state.variables)
+  if best[2] is None:
+    best = (None, steps, final)
+  return FitResult(variables=final, best_variables=best[2], best_step=best[1], best_val=best[0],
+                   history=history, seconds=time.time() - start)
+
+
+# ------------------------------------------------------------------ checkpoints (orbax)
+
+def save_variables(directory: str, variables: dict) -> None:
+  """Writes a variables tree with orbax (every process calls it; the write is atomic)."""
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(directory), variables, force=True)
+  checkpointer.wait_until_finished()
+
+
+def restore_variables(directory: str, abstract: dict) -> dict:
+  """Restores into the structure of `abstract` (e.g. `jax.eval_shape` of the init), on device 0."""
+  if not os.path.isdir(directory):
+    raise UserError(f"no checkpoint at {directory!r}; run the stage that trains it first")
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        abstract)
+  return ocp.StandardCheckpointer().restore(os.path.abspath(directory), target)
+
+
+def write_history(path: str, history: list) -> None:
+  if jax.process_index() == 0:
+    io_utils.write_text(path, "".join(json.dumps(h) + "\n" for h in history))
