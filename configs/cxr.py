@@ -66,7 +66,7 @@ def _recipe():
   m.preset = "xs"                  # xs | s | m | demo | tiny (pso_jax.models.presets)
   m.cond = "pseudo"                # uncond | class | pseudo
   m.dtype = "float32"              # activation dtype: float32 | bfloat16 (weights, norms, loss fp32)
-  m.dropout = 0.0
+  m.dropout = -1.0                 # <0: the preset's value (m: 0.1, others 0)
   m.sigma_data = 0.5
 
   c.diffusion = df = ml_collections.ConfigDict()
