@@ -1,0 +1,469 @@
+"""Exact all-pairs similarity search: blocked, sharded, certified.
+
+Similarities are dot products of (unit-norm) embeddings. The canonical similarity of a pair is the
+float64 dot product of the float32 inputs; every value and every decision this module returns is
+about that canonical similarity, whatever precision the bulk search ran in:
+
+1. Device search (jitted): queries are split over all mesh axes with `jax.shard_map`; each device
+   walks its queries in blocks of `query_block` and the references in blocks of `ref_block`
+   (`lax.scan`), keeping a running top-kk per query, so the N x M matrix never exists. References
+   are replicated, or (`ring=True`) sharded and rotated around the devices with `lax.ppermute`
+   when they do not fit on one device. The block GEMM takes bf16 or fp32 inputs and accumulates in
+   fp32; the block top-kk is found from chunk maxima (exact, see `_block_topk`).
+2. Host re-score: the kk candidates of each query are re-scored in float64.
+3. Certificate: |approximate - canonical| <= eps (a bound from the input precision and d). If a
+   query's kk-th approximate candidate lies more than 2 eps below its k-th, no reference outside
+   the candidates can enter the top-k; otherwise the query is searched again in fp32, and if even
+   that cannot be certified, brute force in float64 on the host.
+
+Patient counting (`patient_search`) reuses the candidates: when the kk-th candidate lies below
+tau - eps, every reference that reaches tau is a candidate, so the distinct matched patients are
+read off the re-scored candidates at no device cost. Queries with more near-tau references than kk
+("saturated") go through a second kernel that counts patients exactly over a patient-sorted
+layout (cumulative hit counts per patient segment), with the same certificate and float64 fallback.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pso_jax.errors import UserError
+
+_CHUNK = 16           # columns per chunk for the chunk-maximum top-k
+_HOST_BATCH = 16384   # rows per host-side float64 step
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class PatientSearch:
+  topk_sims: np.ndarray           # [N, k] float32, descending
+  topk_idx: np.ndarray            # [N, k] int32 reference rows
+  n_patients_matched: np.ndarray  # [N] int32: distinct patients with an image at sim >= tau
+  best_patient: np.ndarray        # [N] int32: patient of the most similar reference
+  best_sim: np.ndarray            # [N] float32
+  matched_patients: np.ndarray    # [N, kk] int32: matched patients by similarity, -1 padded
+                                  # (complete unless n_patients_matched exceeds its width)
+  stats: dict                     # how the answer was certified (counts per path)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def check_embeddings(name: str, x, dim: Optional[int] = None) -> np.ndarray:
+  """float32 [n, d] with finite values, or a UserError naming the set and the fix."""
+  x = np.asarray(x)
+  if x.ndim != 2:
+    raise UserError(f"{name} must be a 2-D array [n, dim] of embeddings, got shape {x.shape}")
+  if x.shape[0] == 0:
+    raise UserError(f"{name} is empty (shape {x.shape}); the audit needs at least one embedding")
+  if dim is not None and x.shape[1] != dim:
+    raise UserError(f"{name} has dimension {x.shape[1]} but the other set has {dim}: both must "
+                    "come from the same embedder")
+  x = x.astype(np.float32)
+  bad = ~np.isfinite(x).all(axis=1)
+  if bad.any():
+    raise UserError(f"{name} has {int(bad.sum())} rows with NaN/Inf (first: row "
+                    f"{int(np.argmax(bad))}); re-embed those images or drop them")
+  return x
+
+
+def _eps_coeff(dtype: str, d: int) -> float:
+  """|approximate - exact| <= coeff * |q| * |r| for one block GEMM of depth d, fp32 accumulate."""
+  accumulate = 2 * (d + 2) * 2.0 ** -24
+  if dtype == "bfloat16":
+    return 2 * 2.0 ** -8 + 2.0 ** -16 + accumulate   # two inputs rounded to 8 significant bits
+  return accumulate
+
+
+def default_mesh():
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+# ----------------------------------------------------------------------------- device kernels
+
+def _block_topk(s, kk: int):
+  """Exact top-kk of each row of s [qb, rb]: the kk largest values lie in the kk chunks with the
+  largest maxima, so one max pass plus two small top-k replace a top-k over the whole row."""
+  qb, rb = s.shape
+  nc = rb // _CHUNK
+  if rb % _CHUNK or nc <= 2 * kk:
+    return jax.lax.top_k(s, kk)
+  chunks = s.reshape(qb, nc, _CHUNK)
+  _, ci = jax.lax.top_k(chunks.max(-1), kk)
+  cand = jnp.take_along_axis(chunks, ci[:, :, None], axis=1).reshape(qb, kk * _CHUNK)
+  v, j = jax.lax.top_k(cand, kk)
+  return v, jnp.take_along_axis(ci, j // _CHUNK, axis=1) * _CHUNK + j % _CHUNK
+
+
+def _topk_reducer(kk: int):
+  def init(qb):
+    return (jnp.full((qb, kk), -jnp.inf, jnp.float32), jnp.full((qb, kk), -1, jnp.int32))
+
+  def update(carry, s, ids):
+    s = jnp.where(ids[None, :] >= 0, s, -jnp.inf)
+    v, col = _block_topk(s, kk)
+    v = jnp.concatenate([carry[0], v], axis=1)
+    i = jnp.concatenate([carry[1], ids[col]], axis=1)
+    v, j = jax.lax.top_k(v, kk)
+    return v, jnp.take_along_axis(i, j, axis=1)
+
+  return init, update
+
+
+def _count_reducer(tau: float, eps: float):
+  """Per query: patients with some sim >= tau + eps (sure) and >= tau - eps (possible)."""
+  def init(qb):
+    return (jnp.zeros((qb,), jnp.int32), jnp.zeros((qb,), jnp.int32))
+
+  def segments_hit(hits, start, end):
+    c = jnp.pad(jnp.cumsum(hits.astype(jnp.int32), axis=1), ((0, 0), (1, 0)))
+    return jnp.sum((c[:, end] - c[:, start]) > 0, axis=1, dtype=jnp.int32)
+
+  def update(carry, s, aux):
+    start, end = aux  # patient segments of this block; padding segments are empty
+    return (carry[0] + segments_hit(s >= tau + eps, start, end),
+            carry[1] + segments_hit(s >= tau - eps, start, end))
+
+  return init, update
+
+
+@functools.lru_cache(maxsize=32)
+def _engine(mesh, ring: bool, reducer_key: tuple, qb: int, dtype: str):
+  """Jitted, sharded blocked search. Queries [n, d] split over all mesh axes; refs [nb, rb, d]
+  with per-block aux pytree, replicated or (ring) split over the same axes and rotated."""
+  kind, *params = reducer_key
+  init, update = _topk_reducer(*params) if kind == "topk" else _count_reducer(*params)
+  axes = tuple(mesh.axis_names)
+  n_dev = mesh.size
+  compute = DTYPES[dtype]
+
+  def scan_refs(q, carry, refs, aux):
+    def body(c, blk):
+      r, a = blk
+      s = jax.lax.dot_general(q, r.astype(compute), (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+      return update(c, s, a), None
+    return jax.lax.scan(body, carry, (refs, aux))[0]
+
+  def local(queries, refs, aux):
+    qblocks = queries.astype(compute).reshape(-1, qb, queries.shape[-1])
+    carry = jax.vmap(lambda _: init(qb))(jnp.arange(qblocks.shape[0]))
+    search = lambda refs, aux, carry: jax.lax.map(
+        lambda qc: scan_refs(qc[0], qc[1], refs, aux), (qblocks, carry))
+    if not ring:
+      carry = search(refs, aux, carry)
+    else:
+      perm = [(i, (i + 1) % n_dev) for i in range(n_dev)]
+
+      def step(state, _):
+        refs, aux, carry = state
+        carry = search(refs, aux, carry)
+        refs, aux = jax.lax.ppermute((refs, aux), axes, perm)
+        return (refs, aux, carry), None
+      carry = jax.lax.scan(step, (refs, aux, carry), None, length=n_dev)[0][2]
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), carry)
+
+  ref_spec = P(axes) if ring else P()
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), ref_spec, ref_spec),
+                     out_specs=P(axes), check_vma=False)
+  return jax.jit(fn)
+
+
+def _put(x: np.ndarray, mesh, spec) -> jax.Array:
+  sharding = NamedSharding(mesh, spec)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _fetch(tree):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return jax.tree.map(np.array, multihost_utils.process_allgather(tree, tiled=True))
+  return jax.tree.map(np.array, tree)
+
+
+def _run_engine(mesh, ring, reducer_key, queries, refs, aux, qb, dtype):
+  """Pads queries to the mesh x block grid, places everything, runs, returns host arrays [n]."""
+  n = queries.shape[0]
+  per = mesh.size * qb
+  qpad = np.zeros((-(-n // per) * per, queries.shape[1]), np.float32)
+  qpad[:n] = queries
+  host_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+  axes = tuple(mesh.axis_names)
+  spec = P(axes) if ring else P()
+  fn = _engine(mesh, ring, reducer_key, qb, dtype)
+  with jax.set_mesh(mesh):
+    out = fn(_put(qpad.astype(host_dtype), mesh, P(axes)), _put(refs.astype(host_dtype), mesh, spec),
+             jax.tree.map(lambda a: _put(a, mesh, spec), aux))
+  return jax.tree.map(lambda a: a[:n], _fetch(out))
+
+
+def _blocks(n_rows: int, ref_block: int, n_dev: int, ring: bool) -> int:
+  nb = -(-n_rows // ref_block)
+  return -(-nb // n_dev) * n_dev if ring else nb
+
+
+def _fit_block(block: int, n: int, multiple: int = _CHUNK) -> int:
+  """Blocks no larger than needed (small sets), a multiple of the chunk size."""
+  block = max(1, min(int(block), n))
+  return -(-block // multiple) * multiple
+
+
+# ----------------------------------------------------------------------------- host side
+
+def _rescore(queries, refs, idx) -> np.ndarray:
+  """Canonical float64 similarities of the candidate pairs; -inf where idx < 0."""
+  out = np.full(idx.shape, -np.inf)
+  for a in range(0, len(idx), _HOST_BATCH):
+    i = idx[a:a + _HOST_BATCH]
+    r = refs[np.maximum(i, 0)].astype(np.float64)
+    s = np.einsum("nd,nkd->nk", queries[a:a + _HOST_BATCH].astype(np.float64), r)
+    out[a:a + _HOST_BATCH] = np.where(i >= 0, s, -np.inf)
+  return out
+
+
+def _sort_desc(sims, idx):
+  order = np.argsort(-sims, axis=1, kind="stable")
+  return np.take_along_axis(sims, order, 1), np.take_along_axis(idx, order, 1)
+
+
+def _host_sims(q64: np.ndarray, refs: np.ndarray):
+  """float64 similarity rows of a few queries against all references, in reference blocks."""
+  for b in range(0, len(refs), _HOST_BATCH):
+    yield b, q64 @ refs[b:b + _HOST_BATCH].astype(np.float64).T
+
+
+def _host_topk(queries, refs, kk):
+  """float64 brute-force top-kk for the few queries no certificate covers."""
+  q64 = queries.astype(np.float64)
+  best = np.full((len(q64), 0), -np.inf)
+  best_i = np.zeros((len(q64), 0), np.int64)
+  for b, s in _host_sims(q64, refs):
+    s = np.concatenate([best, s], 1)
+    i = np.concatenate([best_i, np.broadcast_to(np.arange(b, b + s.shape[1] - best.shape[1]),
+                                                (len(q64), s.shape[1] - best.shape[1]))], 1)
+    keep = np.argsort(-s, axis=1, kind="stable")[:, :kk]
+    best, best_i = np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
+  return best, best_i.astype(np.int32)
+
+
+def _host_patient_counts(queries, refs, ref_patients, tau):
+  q64 = queries.astype(np.float64)
+  n_pat = int(ref_patients.max()) + 1
+  hit = np.zeros((len(q64), n_pat), bool)
+  for b, s in _host_sims(q64, refs):
+    rows, cols = np.nonzero(s >= tau)
+    hit[rows, ref_patients[b + cols]] = True
+  return hit.sum(1).astype(np.int32)
+
+
+@dataclasses.dataclass
+class _Options:
+  query_block: int
+  ref_block: int
+  dtype: str
+  mesh: Any
+  ring: bool
+
+
+def _candidates(queries, refs, kk, opts: _Options):
+  """Approximate top-kk (device), ordered by canonical similarity (host re-score)."""
+  mesh = opts.mesh
+  rb = _fit_block(opts.ref_block, len(refs))
+  qb = _fit_block(opts.query_block, -(-len(queries) // mesh.size), multiple=8)
+  nb = _blocks(len(refs), rb, mesh.size, opts.ring)
+  rpad = np.zeros((nb * rb, refs.shape[1]), np.float32)
+  rpad[:len(refs)] = refs
+  ids = np.full(nb * rb, -1, np.int32)
+  ids[:len(refs)] = np.arange(len(refs), dtype=np.int32)
+  approx, idx = _run_engine(mesh, opts.ring, ("topk", kk), queries, rpad.reshape(nb, rb, -1),
+                            ids.reshape(nb, rb), qb, opts.dtype)
+  exact, idx = _sort_desc(_rescore(queries, refs, idx), idx)
+  return approx, exact, idx
+
+
+def _certified_topk(queries, refs, k, kk, opts: _Options, stats: dict):
+  """Exact top-kk candidates (kk >= k) per query, the top k of them certified complete.
+
+  Returns (approx [N,kk] descending, exact [N,kk], idx [N,kk], eps [N]). A query whose candidates
+  cannot be certified is searched again in fp32, then by float64 brute force.
+  """
+  n, d = queries.shape
+  kk = min(kk, len(refs))
+  rmax = float(np.linalg.norm(refs, axis=1).max())
+  qnorm = np.linalg.norm(queries, axis=1).astype(np.float64)
+  approx, exact, idx = _candidates(queries, refs, kk, opts)
+  eps = _eps_coeff(opts.dtype, d) * qnorm * rmax
+  stats.update(n=n, m=len(refs), d=d, dtype=opts.dtype, candidates=kk)
+
+  def uncertified(approx, eps):
+    if kk == len(refs):
+      return np.zeros(len(approx), bool)  # every reference is a candidate
+    return approx[:, kk - 1] >= approx[:, min(k, kk) - 1] - 2 * eps
+
+  todo = np.nonzero(uncertified(approx, eps))[0]
+  stats["refined_fp32"] = int(len(todo)) if opts.dtype != "float32" else 0
+  if len(todo) and opts.dtype != "float32":
+    sub = dataclasses.replace(opts, dtype="float32")
+    a2, e2, i2 = _candidates(queries[todo], refs, kk, sub)
+    eps2 = _eps_coeff("float32", d) * qnorm[todo] * rmax
+    approx[todo], exact[todo], idx[todo], eps[todo] = a2, e2, i2, eps2
+    todo = todo[uncertified(a2, eps2)]
+  stats["refined_float64"] = int(len(todo))
+  if len(todo):
+    exact[todo], idx[todo] = _host_topk(queries[todo], refs, kk)
+    approx[todo], eps[todo] = exact[todo], 0.0
+  return approx, exact, idx, eps
+
+
+def _resolve(queries, refs, query_block, ref_block, dtype, mesh, ring):
+  if dtype not in DTYPES:
+    raise UserError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+  queries = check_embeddings("queries", queries)
+  refs = check_embeddings("references", refs, queries.shape[1])
+  return queries, refs, _Options(int(query_block), int(ref_block), dtype,
+                                 mesh if mesh is not None else default_mesh(), bool(ring))
+
+
+def _check_k(k, m):
+  if not 1 <= k <= m:
+    raise UserError(f"k={k} must be between 1 and the number of references ({m})")
+
+
+def _margin(k: int, dtype: str) -> int:
+  # bf16 errors (~4e-3) span many ranks among dense random neighbours; fp32 ones almost none
+  return 2 * k + 16 if dtype == "bfloat16" else 4
+
+
+def knn(queries, refs, k: int, *, query_block: int = 1024, ref_block: int = 16384,
+        dtype: str = "float32", mesh=None, ring: bool = False, margin: Optional[int] = None,
+        stats: Optional[dict] = None):
+  """Exact k nearest references by dot product: (sims [N,k] float32 descending, idx [N,k] int32).
+
+  Ties at the k-th place may resolve to either reference. `ring=True` shards the references over
+  the devices and rotates them (for reference sets larger than one device's memory).
+  """
+  queries, refs, opts = _resolve(queries, refs, query_block, ref_block, dtype, mesh, ring)
+  _check_k(k, len(refs))
+  stats = {} if stats is None else stats
+  kk = k + (_margin(k, dtype) if margin is None else margin)
+  _, exact, idx, _ = _certified_topk(queries, refs, k, kk, opts, stats)
+  return exact[:, :k].astype(np.float32), idx[:, :k].astype(np.int32)
+
+
+def _packed_patient_layout(ref_patients: np.ndarray, rb: int, n_dev: int, ring: bool):
+  """References sorted by patient and packed into blocks so no patient straddles two blocks.
+
+  Returns (order [nb*rb] reference row or -1, start/end [nb, S] patient segments per block).
+  """
+  order = np.argsort(ref_patients, kind="stable")
+  sorted_pat = ref_patients[order]
+  bounds = np.flatnonzero(np.diff(sorted_pat)) + 1
+  seg_start = np.concatenate([[0], bounds])
+  seg_len = np.diff(np.concatenate([seg_start, [len(order)]]))
+  rb = max(rb, -(-int(seg_len.max()) // _CHUNK) * _CHUNK)
+  blocks, cur, fill = [], [], 0
+  for s, ln in zip(seg_start.tolist(), seg_len.tolist()):
+    if fill + ln > rb:
+      blocks.append(cur)
+      cur, fill = [], 0
+    cur.append((s, ln))
+    fill += ln
+  blocks.append(cur)
+  nb = -(-len(blocks) // n_dev) * n_dev if ring else len(blocks)
+  n_seg = max(len(b) for b in blocks)
+  layout = np.full((nb, rb), -1, np.int64)
+  start = np.zeros((nb, n_seg), np.int32)
+  end = np.zeros((nb, n_seg), np.int32)
+  for bi, blk in enumerate(blocks):
+    pos = 0
+    for si, (s, ln) in enumerate(blk):
+      layout[bi, pos:pos + ln] = order[s:s + ln]
+      start[bi, si], end[bi, si] = pos, pos + ln
+      pos += ln
+  return layout, start, end
+
+
+def _count_patients(queries, refs, ref_patients, tau, opts: _Options, stats: dict):
+  """Exact distinct matched patients for (saturated) queries: fp32 kernel + float64 fallback."""
+  d = refs.shape[1]
+  rb = _fit_block(opts.ref_block, len(refs))
+  layout, start, end = _packed_patient_layout(ref_patients, rb, opts.mesh.size, opts.ring)
+  rpad = np.where((layout >= 0)[..., None], refs[np.maximum(layout, 0)], 0.0).astype(np.float32)
+  eps = _eps_coeff("float32", d) * float(np.linalg.norm(queries, axis=1).max()) * float(
+      np.linalg.norm(refs, axis=1).max())
+  qb = _fit_block(opts.query_block, -(-len(queries) // opts.mesh.size), multiple=8)
+  sure, possible = _run_engine(opts.mesh, opts.ring, ("count", float(tau), float(eps)), queries,
+                               rpad, (start, end), qb, "float32")
+  todo = np.nonzero(sure != possible)[0]
+  stats["count_float64"] = int(len(todo))
+  if len(todo):
+    sure[todo] = _host_patient_counts(queries[todo], refs, ref_patients, tau)
+  return sure.astype(np.int32)
+
+
+def _distinct_in_order(patients: np.ndarray, hit: np.ndarray):
+  """Per row: count of distinct patients among hits, and them in row order (-1 padded)."""
+  n, kk = patients.shape
+  p = np.where(hit, patients, -1)
+  out = np.full((n, kk), -1, np.int32)
+  count = np.zeros(n, np.int32)
+  for a in range(0, n, 4096):
+    blk = p[a:a + 4096]
+    earlier = np.tril(np.ones((kk, kk), bool), -1)     # [j, i]: i before j
+    dup = ((blk[:, :, None] == blk[:, None, :]) & earlier[None]).any(2)
+    first = (blk >= 0) & ~dup
+    count[a:a + 4096] = first.sum(1)
+    order = np.argsort(~first, axis=1, kind="stable")
+    out[a:a + 4096] = np.where(np.take_along_axis(first, order, 1),
+                               np.take_along_axis(blk, order, 1), -1)
+  return count, out
+
+
+def patient_search(queries, refs, ref_patients, tau: float, k: int, *, query_block: int = 1024,
+                   ref_block: int = 16384, dtype: str = "float32", mesh=None, ring: bool = False,
+                   count_k: int = 32, margin: Optional[int] = None) -> PatientSearch:
+  """Top-k references per query plus the distinct training patients matched at sim >= tau.
+
+  ref_patients: int [M] patient id of each reference (any non-negative ints).
+  count_k: candidates kept per query for counting; queries with more near-tau references than
+  that are counted by the exact patient-segment kernel instead.
+  """
+  queries, refs, opts = _resolve(queries, refs, query_block, ref_block, dtype, mesh, ring)
+  _check_k(k, len(refs))
+  ref_patients = np.asarray(ref_patients)
+  if ref_patients.shape != (len(refs),) or not np.issubdtype(ref_patients.dtype, np.integer):
+    raise UserError(f"ref_patients must be integer ids, one per reference ({len(refs)}), got "
+                    f"{ref_patients.dtype} {ref_patients.shape}")
+  if ref_patients.min() < 0:
+    raise UserError("ref_patients has negative ids; map patient names to ids 0..P-1 first")
+  if not np.isfinite(tau):
+    raise UserError(f"tau={tau} is not a finite similarity threshold")
+  stats = {}
+  kk = max(k + (_margin(k, dtype) if margin is None else margin), count_k)
+  approx, exact, idx, eps = _certified_topk(queries, refs, k, kk, opts, stats)
+  kk = idx.shape[1]
+  hit = exact >= tau
+  count, matched = _distinct_in_order(np.where(idx >= 0, ref_patients[np.maximum(idx, 0)], -1), hit)
+  # all references reaching tau are candidates unless the last candidate is near or above tau
+  saturated = np.zeros(len(queries), bool) if kk == len(refs) else approx[:, kk - 1] >= tau - eps
+  todo = np.nonzero(saturated)[0]
+  stats["saturated"] = int(len(todo))
+  if len(todo):
+    count[todo] = _count_patients(queries[todo], refs, ref_patients, tau, opts, stats)
+  best_patient = ref_patients[idx[:, 0]].astype(np.int32)
+  return PatientSearch(
+      topk_sims=exact[:, :k].astype(np.float32), topk_idx=idx[:, :k].astype(np.int32),
+      n_patients_matched=count, best_patient=best_patient,
+      best_sim=exact[:, 0].astype(np.float32), matched_patients=matched, stats=stats)
+
+
+def gflop(n: int, m: int, d: int) -> float:
+  """Work of the all-pairs GEMM (multiply-adds counted as 2)."""
+  return 2.0 * n * m * d / 1e9
