@@ -1,0 +1,90 @@
+"""Reading the prepared dataset: random access per record, or a whole split in memory."""
+
+import os
+
+import numpy as np
+
+from pso_jax import io_utils
+from pso_jax.data import builder, prepare
+from pso_jax.data.filelists import SPLITS
+from pso_jax.errors import UserError
+
+
+def _check(workdir: str, split: str) -> str:
+  if split not in SPLITS:
+    raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+  if not prepare.is_complete(workdir):
+    raise UserError(f"{prepare.data_dir(workdir)} holds no complete dataset; run "
+                    f"--mode=prepare with --workdir={workdir} first")
+  return prepare.data_dir(workdir)
+
+
+class SplitSource:
+  """Random-access source over one split's ArrayRecord files: len, [i] -> dict of numpy.
+
+  Text fields come back as str. Picklable (grain workers reopen the files).
+  """
+
+  def __init__(self, workdir: str, split: str):
+    self.workdir, self.split = workdir, split
+    self._source = builder.open_split(_check(workdir, split), split)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  @staticmethod
+  def _decode(record: dict) -> dict:
+    for key in builder.TEXT_KEYS:
+      if isinstance(record.get(key), bytes):
+        record[key] = record[key].decode("utf-8")
+    return record
+
+  def __getitem__(self, i: int) -> dict:
+    return self._decode(self._source[int(i)])
+
+  def __getitems__(self, indices) -> list[dict]:
+    return [self._decode(r) for r in self._source.__getitems__([int(i) for i in indices])]
+
+  def __getstate__(self):
+    return {"workdir": self.workdir, "split": self.split}
+
+  def __setstate__(self, state):
+    self.__init__(state["workdir"], state["split"])
+
+  def __repr__(self):
+    return f"SplitSource({self.workdir!r}, {self.split!r}, n={len(self)})"
+
+
+def load_split(workdir: str, split: str) -> SplitSource:
+  return SplitSource(workdir, split)
+
+
+def load_arrays(workdir: str, split: str, keys=("image", "labels", "patient_id"),
+                block: int = 1024) -> dict[str, np.ndarray]:
+  """The whole split in memory as stacked arrays (text keys as numpy str arrays)."""
+  source = load_split(workdir, split)
+  cols = {k: [] for k in keys}
+  for start in range(0, len(source), block):
+    for record in source.__getitems__(range(start, min(start + block, len(source)))):
+      for k in keys:
+        if k not in record:
+          raise UserError(f"records of {workdir} have no {k!r}; keys are {sorted(record)}")
+        cols[k].append(record[k])
+  out = {}
+  for k, values in cols.items():
+    if k in builder.TEXT_KEYS:
+      out[k] = np.array(values, dtype=str)
+    elif values:
+      out[k] = np.stack(values)
+    else:
+      out[k] = np.zeros((0,), np.float32)
+  return out
+
+
+def load_card(workdir: str) -> dict:
+  return io_utils.read_json(os.path.join(_check(workdir, "train"), "card.json"))
+
+
+def load_features(workdir: str, split: str) -> np.ndarray:
+  """Unit-norm features [N, dim] of a split, in record order (no record decoding)."""
+  return np.load(os.path.join(_check(workdir, split), f"features_{split}.npy"))

@@ -1,0 +1,220 @@
+"""Reference filelists, patient ids and patient-disjoint splits.
+
+A filelist line is `<relative image path> l0 ... l7` (reference format, findings in the order of
+`config.data.findings`). The patient id comes from the path (ChestX-ray14, CheXpert, MIMIC-CXR
+styles, auto-detected) or from the `patient_id` column of a generic CSV. Splits follow the
+reference recipe (trichotomy.md 2.2): unique patients are shuffled and cut 80/20 (seed 42), the
+20% cut 50/50 into val/test; rows without any positive label are dropped; train and val keep only
+single-label rows, test keeps multi-label rows too.
+"""
+
+import csv
+import dataclasses
+import math
+import os
+import re
+
+import numpy as np
+
+from pso_jax.errors import UserError
+
+NUM_LABELS = 8
+SPLITS = ("train", "val", "test")
+
+PATH_STYLES = {
+    # images/00000006_000.png -> 00000006
+    "cxr8": re.compile(r"(?:^|/)(\d+)_\d+\.\w+$"),
+    # CheXpert-v1.0/train/patient00006/study1/view1_frontal.jpg -> patient00006
+    "chexpert": re.compile(r"(?:^|/)(patient\d+)/study\d+/"),
+    # files/p19/p19994586/s54820351/<dicom>.jpg -> p19994586
+    "mimic": re.compile(r"(?:^|/)p\d\d/(p\d+)/s\d+/"),
+}
+_EXAMPLES = {"cxr8": "images/00000006_000.png",
+             "chexpert": "CheXpert-v1.0/train/patient00006/study1/view1_frontal.jpg",
+             "mimic": "files/p19/p19994586/s54820351/<dicom>.jpg"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """Rows of a dataset: relative paths, 0/1 labels [N, 8] and patient ids, in file order."""
+  paths: np.ndarray        # str [N]
+  labels: np.ndarray       # float32 [N, 8]
+  patient_ids: np.ndarray  # str [N]
+  source: str = ""         # file the rows came from (for messages)
+
+  def __len__(self):
+    return len(self.paths)
+
+  def take(self, rows) -> "Table":
+    rows = np.asarray(rows, dtype=np.int64)
+    return Table(self.paths[rows], self.labels[rows], self.patient_ids[rows], self.source)
+
+
+def _parse_labels(fields, where: str) -> list[float]:
+  if len(fields) != NUM_LABELS:
+    raise UserError(f"{where}: expected {NUM_LABELS} labels after the path, found {len(fields)} "
+                    f"({' '.join(fields) or 'none'}); each line must be `<relative path> l0 ... l7` "
+                    "with 0/1 labels in the order of config.data.findings")
+  bad = [x for x in fields if x not in ("0", "1", "0.0", "1.0")]
+  if bad:
+    raise UserError(f"{where}: label {bad[0]!r} is not 0 or 1; map uncertain (-1) and missing "
+                    "labels to 0 before preparing (reference rule)")
+  return [float(x) for x in fields]
+
+
+def _check_duplicates(paths: list[str], where_of) -> None:
+  seen = {}
+  for i, p in enumerate(paths):
+    if p in seen:
+      raise UserError(f"{where_of(i)}: duplicate path {p!r} (first at {where_of(seen[p])}); each "
+                      "image may appear once; remove the repeated line")
+    seen[p] = i
+
+
+def patient_id(path: str, style: str) -> str | None:
+  m = PATH_STYLES[style].search(path)
+  return m.group(1) if m else None
+
+
+def detect_path_style(paths, source: str = "") -> str:
+  """The first path style that every path matches."""
+  for style in PATH_STYLES:
+    if all(patient_id(p, style) is not None for p in paths):
+      return style
+  first = paths[0] if len(paths) else ""
+  examples = "; ".join(f"{k}: {v}" for k, v in _EXAMPLES.items())
+  raise UserError(f"{source or 'filelist'}: cannot tell the patient id from paths like {first!r} "
+                  f"(known styles: {examples}); set --config.data.path_style or use a CSV with a "
+                  "patient_id column (--config.data.source=csv)")
+
+
+def patient_ids_for(paths, style: str = "auto", source: str = "") -> np.ndarray:
+  if style == "auto":
+    style = detect_path_style(paths, source)
+  if style not in PATH_STYLES:
+    raise UserError(f"config.data.path_style={style!r} is unknown; use auto, "
+                    f"{', '.join(PATH_STYLES)} (or source=csv for explicit patient ids)")
+  ids = []
+  for i, p in enumerate(paths):
+    pid = patient_id(p, style)
+    if pid is None:
+      raise UserError(f"{source}:{i + 1}: path {p!r} does not follow the {style} style "
+                      f"(e.g. {_EXAMPLES[style]}); fix the line or set config.data.path_style")
+    ids.append(pid)
+  return np.array(ids, dtype=str)
+
+
+def read_filelist(path: str, style: str = "auto") -> Table:
+  """Parses a reference filelist; every malformed line is reported with its line number."""
+  if not os.path.isfile(path):
+    raise UserError(f"filelist {path!r} does not exist; set --config.data.filelist to a file of "
+                    "`<relative path> l0 ... l7` lines")
+  paths, labels, lines = [], [], []
+  with open(path, "r", encoding="utf-8") as f:
+    for n, line in enumerate(f, start=1):
+      fields = line.split()
+      if not fields:
+        continue
+      labels.append(_parse_labels(fields[1:], f"{path}:{n}"))
+      paths.append(fields[0])
+      lines.append(n)
+  if not paths:
+    raise UserError(f"filelist {path!r} has no lines; expected `<relative path> l0 ... l7` per line")
+  _check_duplicates(paths, lambda i: f"{path}:{lines[i]}")
+  ids = patient_ids_for(paths, style, path)
+  return Table(np.array(paths, dtype=str), np.array(labels, np.float32), ids, path)
+
+
+def read_csv(path: str) -> Table:
+  """Generic CSV with a header: path, patient_id, then the 8 label columns."""
+  if not os.path.isfile(path):
+    raise UserError(f"CSV {path!r} does not exist; set --config.data.csv to a file with columns "
+                    "path,patient_id,<8 labels>")
+  with open(path, "r", encoding="utf-8", newline="") as f:
+    rows = list(csv.reader(f))
+  if not rows:
+    raise UserError(f"CSV {path!r} is empty; expected a header path,patient_id,<8 labels> and rows")
+  header = [h.strip().lower() for h in rows[0]]
+  if header[:2] != ["path", "patient_id"] or len(header) != 2 + NUM_LABELS:
+    raise UserError(f"{path}:1: header {rows[0]} must be path,patient_id followed by "
+                    f"{NUM_LABELS} label columns")
+  paths, ids, labels, lines = [], [], [], []
+  for n, row in enumerate(rows[1:], start=2):
+    if not any(cell.strip() for cell in row):
+      continue
+    if len(row) < 2 or not row[0].strip() or not row[1].strip():
+      raise UserError(f"{path}:{n}: a row needs a path and a patient_id, found {row}")
+    labels.append(_parse_labels([c.strip() for c in row[2:]], f"{path}:{n}"))
+    paths.append(row[0].strip())
+    ids.append(row[1].strip())
+    lines.append(n)
+  if not paths:
+    raise UserError(f"CSV {path!r} has a header but no rows")
+  _check_duplicates(paths, lambda i: f"{path}:{lines[i]}")
+  return Table(np.array(paths, dtype=str), np.array(labels, np.float32), np.array(ids, dtype=str), path)
+
+
+def write_filelist(path_or_file, table: Table) -> None:
+  """Reference format: `<relative path> l0 ... l7`."""
+  lines = [f"{p} " + " ".join(str(int(x)) for x in row) for p, row in zip(table.paths, table.labels)]
+  text = "\n".join(lines) + ("\n" if lines else "")
+  with open(path_or_file, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
+def unique_in_order(values) -> np.ndarray:
+  _, first = np.unique(values, return_index=True)
+  return np.asarray(values)[np.sort(first)]
+
+
+def _shuffle_split(items: np.ndarray, test_size: float, seed: int):
+  """(train, test) like scikit-learn's train_test_split(items, test_size, random_state=seed)."""
+  n_test = math.ceil(test_size * len(items))
+  perm = np.random.RandomState(seed).permutation(len(items))
+  return items[perm[n_test:]], items[perm[:n_test]]
+
+
+def split_patients(patient_ids, fractions=(0.8, 0.1, 0.1), seed: int = 42) -> dict[str, np.ndarray]:
+  """Unique patient ids (in order of first appearance) -> {split: ids}, reference procedure."""
+  f_train, f_val, f_test = (float(x) for x in fractions)
+  if min(f_train, f_val, f_test) <= 0 or abs(f_train + f_val + f_test - 1) > 1e-6:
+    raise UserError(f"config.data.split_fractions={tuple(fractions)} must be three positive "
+                    "fractions summing to 1, e.g. (0.8, 0.1, 0.1)")
+  ids = unique_in_order(patient_ids)
+  if len(ids) < 3:
+    raise UserError(f"only {len(ids)} patient(s): a patient-disjoint train/val/test split needs "
+                    "at least 3 patients")
+  train, rest = _shuffle_split(ids, f_val + f_test, seed)
+  val, test = _shuffle_split(rest, f_test / (f_val + f_test), seed)
+  return {"train": train, "val": val, "test": test}
+
+
+def check_patient_disjoint(splits: dict[str, Table]) -> None:
+  owner = {}
+  for name, table in splits.items():
+    for pid in np.unique(table.patient_ids):
+      if owner.setdefault(pid, name) != name:
+        raise UserError(f"patient {pid!r} is in both the {owner[pid]} and the {name} split; splits "
+                        "must be patient-disjoint (one patient's scans would leak between them). "
+                        "Let prepare split by patient, or fix the patient ids")
+
+
+def keep_rows(labels: np.ndarray, split: str, single_label_train_val: bool = True) -> np.ndarray:
+  """Reference rule: rows need a positive label; train/val keep exactly one."""
+  positives = labels.sum(axis=1)
+  if single_label_train_val and split in ("train", "val"):
+    return positives == 1
+  return positives >= 1
+
+
+def split_rows(table: Table, data_config) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """Row positions of each patient-disjoint split (in table order) and rows dropped by the rules."""
+  by_split = split_patients(table.patient_ids, data_config.split_fractions, data_config.split_seed)
+  rows, dropped = {}, {}
+  for name in SPLITS:
+    mine = np.isin(table.patient_ids, by_split[name])
+    keep = mine & keep_rows(table.labels, name, data_config.single_label_train_val)
+    rows[name] = np.flatnonzero(keep)
+    dropped[name] = int(mine.sum() - keep.sum())
+  check_patient_disjoint({name: table.take(r) for name, r in rows.items()})
+  return rows, dropped

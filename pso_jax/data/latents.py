@@ -1,0 +1,60 @@
+"""The space the diffusion model works in, and the way back to images.
+
+`identity`: pixels, uint8 [0, 255] -> float32 [-1, 1] (and back, rounded and clipped).
+`sd_vae`: Stable Diffusion VAE latents, normalised per channel; delegated to
+`pso_jax.data.vae_latents` (imported only when used, so pixel-space runs need no VAE weights).
+"""
+
+import numpy as np
+
+from pso_jax.errors import UserError
+
+KINDS = ("identity", "sd_vae")
+
+
+def _kind(config) -> str:
+  kind = config.data.latent.kind
+  if kind not in KINDS:
+    raise UserError(f"config.data.latent.kind={kind!r} is unknown; use one of {', '.join(KINDS)}")
+  return kind
+
+
+def _vae():
+  try:
+    from pso_jax.data import vae_latents
+  except ModuleNotFoundError as e:
+    if e.name == "pso_jax.data.vae_latents":
+      raise UserError("config.data.latent.kind='sd_vae' needs pso_jax.data.vae_latents, which is "
+                      "not in this version of pso_jax; use --config.data.latent.kind=identity") from None
+    raise
+  return vae_latents
+
+
+def pixels_to_unit(images_uint8) -> np.ndarray:
+  return np.asarray(images_uint8, np.float32) / 127.5 - 1.0
+
+
+def unit_to_pixels(x) -> np.ndarray:
+  return np.clip(np.rint((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def to_model_space(images_uint8, config) -> np.ndarray:
+  """uint8 [N, H, W, C] -> float32 model inputs [N, h, w, c]."""
+  if _kind(config) == "identity":
+    return pixels_to_unit(images_uint8)
+  return np.asarray(_vae().encode_images(config, np.asarray(images_uint8, np.uint8)), np.float32)
+
+
+def from_model_space(x, config) -> np.ndarray:
+  """float32 model outputs [N, h, w, c] -> uint8 images [N, H, W, C]."""
+  if _kind(config) == "identity":
+    return unit_to_pixels(x)
+  return np.asarray(_vae().decode_latents(config, np.asarray(x, np.float32)), np.uint8)
+
+
+def model_shape(config) -> tuple[int, int, int]:
+  """(h, w, c) of one model-space sample, without running an encoder."""
+  d = config.data
+  if _kind(config) == "identity":
+    return (d.image_size, d.image_size, d.channels)
+  return (d.image_size // 8, d.image_size // 8, len(d.latent.mean))  # KL-f8
