@@ -1,9 +1,9 @@
 """EDM Heun sampler with guidance, jitted over a whole batch and all steps.
 
 `heun_sample` is the pure ODE solver over any denoise function. `GuidedSampler` binds it to network
-variables: one compiled function per (batch size, guided or not), batch sharded over the mesh's
-'data' axis, noise drawn per candidate from `fold_in(key, seed)` so a candidate's image depends
-only on its seed, never on the batch it shares or on the device count.
+variables: one compiled function per (guided or not) at a fixed batch size, the batch split over
+the mesh's 'data' (and 'fsdp') axes, noise drawn per candidate from `fold_in(key, seed)` so that a
+candidate's image depends only on its seed, never on the batch it shares or on the device count.
 """
 
 import dataclasses
@@ -117,9 +117,19 @@ def data_mesh(devices=None) -> jax.sharding.Mesh:
                        devices=devices)
 
 
+def batch_axes(mesh: jax.sharding.Mesh) -> tuple:
+  """Mesh axes the batch is split over: 'data' and, on a training mesh, also 'fsdp'."""
+  return tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+
+
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+
+
 def to_global(array: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
-  """Host array (the same on every process) -> global array sharded on its first axis over 'data'."""
-  sharding = NamedSharding(mesh, P("data", *([None] * (array.ndim - 1))))
+  """Host array (the same on every process) -> global array with its first axis split over the
+  mesh's batch axes."""
+  sharding = NamedSharding(mesh, P(batch_axes(mesh), *([None] * (array.ndim - 1))))
   return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
 
@@ -143,8 +153,8 @@ class GuidedSampler:
     self.net, self.ref, self.key, self.shape = net, ref, key, tuple(shape)
     self.steps = steps
     self.mesh = mesh if mesh is not None else data_mesh()
-    shards = self.mesh.shape["data"]
-    self.batch_size = -(-max(batch_size, 1) // shards) * shards  # a multiple of the data axis
+    shards = batch_shards(self.mesh)
+    self.batch_size = -(-max(batch_size, 1) // shards) * shards  # a multiple of the batch shards
     self._schedule = dict(steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     self._compiled = {}
     self.evaluations = 0  # network evaluations per image actually run (for throughput figures)
@@ -152,7 +162,7 @@ class GuidedSampler:
   def _function(self, guided: bool):
     if guided not in self._compiled:
       net, ref, shape, schedule = self.net, self.ref, self.shape, self._schedule
-      out_sharding = NamedSharding(self.mesh, P("data"))
+      out_sharding = NamedSharding(self.mesh, P(batch_axes(self.mesh)))
 
       def sample(variables, ref_variables, key, seeds, cond, guidance):
         noise = jax.lax.with_sharding_constraint(candidate_noise(key, seeds, shape), out_sharding)

@@ -1,0 +1,276 @@
+"""Candidate selection (METHOD.md 4): from n candidates per real training image keep the one that
+re-identifies nobody and whose predicted findings agree best with the real image's.
+
+Flag first, then score: a candidate that the re-id model links to ANY training patient (through the
+pairwise kernel, per-patient threshold tau) is out; among the survivors the lowest consistency score
+wins. The two are never added together (the reference's `score + flag` breaks when BCE > 1). When
+no candidate survives, the image gets new seeds and lower guidance, down to a floor, then it is
+skipped. Everything here is plain numpy over the callables in `SelectionInputs`, so the rule is
+testable apart from the networks; `select_stage` builds the inputs from a workdir.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from pso_jax import io_utils
+from pso_jax.errors import require
+
+KEPT, SECOND, SURVIVOR, REJECTED = "kept", "second", "survivor", "rejected"
+
+
+@dataclasses.dataclass
+class SelectionInputs:
+  """The training set as the selection sees it, and the functions it calls.
+
+  generate(seeds uint32 [M], cond [M, d], guidance [M]) -> uint8 images [M, H, W, C];
+  embed(uint8 images) -> unit-norm re-id embeddings; predict(uint8 images) -> finding probs [M, 8];
+  search(embeddings) -> (n_patients_matched [M], best_patient [M] int, best_sim [M]) over all
+  training images at threshold tau.
+  """
+  paths: list
+  labels: np.ndarray            # [N, 8] real findings (copied to the synthetic filelist)
+  conditions: np.ndarray        # [N, d] what each image's candidates are conditioned on
+  real_embeddings: np.ndarray   # [N, e] re-id embeddings of the real images (for the 1:1 check)
+  real_probs: np.ndarray        # [N, 8] classifier outputs on the real images
+  patients: np.ndarray          # [N] int patient index of each real image
+  patient_names: np.ndarray     # [P] str patient id of each index
+  tau: float
+  generate: Callable
+  embed: Callable
+  predict: Callable
+  search: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionRule:
+  n_candidates: int
+  guidance: float
+  guidance_step: float
+  guidance_floor: float
+  max_rounds: int
+  second: bool
+
+  @classmethod
+  def from_config(cls, config) -> "SelectionRule":
+    s = config.select
+    rule = cls(int(s.n_candidates), float(config.sample.guidance), float(s.guidance_step),
+               float(s.guidance_floor), int(s.max_rounds), bool(s.second))
+    rule.validate()
+    return rule
+
+  def validate(self) -> None:
+    require(self.n_candidates >= 1, f"config.select.n_candidates={self.n_candidates} must be >= 1 "
+            "(candidates per real image; the reference uses 32)")
+    require(self.max_rounds >= 1, f"config.select.max_rounds={self.max_rounds} must be >= 1")
+    require(self.guidance_step >= 0, f"config.select.guidance_step={self.guidance_step} must be "
+            ">= 0 (guidance is lowered by this much per failed round)")
+    require(self.guidance_floor <= self.guidance,
+            f"config.select.guidance_floor={self.guidance_floor} is above the starting guidance "
+            f"config.sample.guidance={self.guidance}; set the floor at or below the start, e.g. "
+            f"--config.select.guidance_floor={min(0.7, self.guidance)}")
+
+  def guidances(self) -> list:
+    """Guidance of each round: start, start - step, ... not below the floor, at most max_rounds."""
+    out = []
+    for r in range(self.max_rounds):
+      g = round(self.guidance - r * self.guidance_step, 6)
+      if g < self.guidance_floor - 1e-9:
+        break
+      out.append(g)
+    return out
+
+
+def candidate_seeds(index: int, round_: int, n: int, n_images: int) -> np.ndarray:
+  """Globally unique seeds: candidate j of image i in round r is ((r * N) + i) * n + j."""
+  return ((round_ * n_images + index) * n + np.arange(n)).astype(np.uint32)
+
+
+def consistency_scores(p_real: np.ndarray, q: np.ndarray) -> np.ndarray:
+  """Mean BCE over findings with the real image's outputs as input and the candidate's as soft
+  target (the reference's argument order): -mean(q log p + (1 - q) log(1 - p)). Lower is better.
+  Logs are clamped at -100 like torch's BCELoss."""
+  p = np.asarray(p_real, np.float64)
+  q = np.asarray(q, np.float64)
+  with np.errstate(divide="ignore"):
+    log_p = np.maximum(np.log(p), -100.0)
+    log_1p = np.maximum(np.log1p(-p), -100.0)
+  return -(q * log_p + (1 - q) * log_1p).mean(axis=-1)
+
+
+def choose(flagged: np.ndarray, scores: np.ndarray, second: bool):
+  """(winner, runner-up) candidate positions among the unflagged, lowest score first (ties: lower
+  position); None where there is none."""
+  survivors = np.flatnonzero(~np.asarray(flagged, bool))
+  order = survivors[np.argsort(np.asarray(scores)[survivors], kind="stable")]
+  first = int(order[0]) if len(order) else None
+  runner_up = int(order[1]) if second and len(order) > 1 else None
+  return first, runner_up
+
+
+def output_path(relpath: str, second: bool = False) -> str:
+  """Reference layout: the real image's relative path with a .png suffix (`_2nd` for the second)."""
+  stem = os.path.splitext(relpath)[0]
+  return stem + ("_2nd" if second else "") + ".png"
+
+
+def select_images(inputs: SelectionInputs, rule: SelectionRule, indices):
+  """Runs every round for the real images `indices` (candidates of all images batched together).
+
+  Returns (records: one dict per candidate in (round, image, candidate) order,
+           chosen: {index: (primary uint8 image, second uint8 image or None)}).
+  """
+  n, n_images = rule.n_candidates, len(inputs.paths)
+  pending = [int(i) for i in indices]
+  records, chosen = [], {}
+  for round_, guidance in enumerate(rule.guidances()):
+    if not pending:
+      break
+    seeds = np.concatenate([candidate_seeds(i, round_, n, n_images) for i in pending])
+    owner = np.repeat(np.asarray(pending), n)
+    images = inputs.generate(seeds, inputs.conditions[owner],
+                             np.full(len(seeds), guidance, np.float32))
+    emb = np.asarray(inputs.embed(images), np.float32)
+    n_matched, best_patient, best_sim = (np.asarray(a) for a in inputs.search(emb))
+    self_sim = np.einsum("md,md->m", emb, inputs.real_embeddings[owner])
+    scores = consistency_scores(inputs.real_probs[owner], inputs.predict(images))
+    still_pending = []
+    for k, i in enumerate(pending):
+      rows = slice(k * n, (k + 1) * n)
+      flagged = n_matched[rows] > 0
+      first, runner_up = choose(flagged, scores[rows], rule.second)
+      if first is None:
+        still_pending.append(i)
+      else:
+        chosen[i] = (images[rows][first], images[rows][runner_up] if runner_up is not None else None)
+      for j in range(n):
+        m = k * n + j
+        outcome = (KEPT if j == first else SECOND if j == runner_up else
+                   REJECTED if flagged[j] else SURVIVOR)
+        records.append(dict(
+            index=i, path=inputs.paths[i], patient=str(inputs.patient_names[inputs.patients[i]]),
+            round=round_, candidate=j, seed=int(seeds[m]), guidance=float(guidance),
+            n_patients_matched=int(n_matched[m]),
+            nearest_patient=str(inputs.patient_names[best_patient[m]]),
+            nearest_sim=round(float(best_sim[m]), 6), self_sim=round(float(self_sim[m]), 6),
+            self_match=bool(self_sim[m] >= inputs.tau),
+            consistency=round(float(scores[m]), 6), outcome=outcome))
+    pending = still_pending
+  return records, chosen
+
+
+# ------------------------------------------------------------------ resumable chunked driver
+
+def chunk_marker(out_dir: str, k: int) -> str:
+  return os.path.join(out_dir, "chunks", f"{k:06d}.done.json")
+
+
+def chunk_records(out_dir: str, k: int) -> str:
+  return os.path.join(out_dir, "chunks", f"{k:06d}.jsonl")
+
+
+def chunk_stats(records: list, n_images: int, seconds: float) -> dict:
+  first = [r for r in records if r["round"] == 0]
+  kept = {r["index"]: r["round"] for r in records if r["outcome"] == KEPT}
+  retries = {}
+  for rounds in kept.values():
+    retries[str(rounds)] = retries.get(str(rounds), 0) + 1
+  indices = sorted({r["index"] for r in records})
+  return dict(
+      images=n_images, candidates=len(records),
+      first_round_candidates=len(first),
+      first_round_rejected=sum(r["outcome"] == REJECTED for r in first),
+      rejected=sum(r["outcome"] == REJECTED for r in records),
+      self_match=sum(r["self_match"] for r in records),
+      missed_by_one_to_one=sum(r["outcome"] == REJECTED and not r["self_match"] for r in records),
+      released_self_match=sum(r["self_match"] for r in records if r["outcome"] in (KEPT, SECOND)),
+      kept=len(kept), second=sum(r["outcome"] == SECOND for r in records),
+      retries=retries, skipped=[r for r in indices if r not in kept], seconds=seconds)
+
+
+def run_chunks(inputs: SelectionInputs, rule: SelectionRule, out_dir: str, chunk_images: int, *,
+               write: bool = True, stop_after: Optional[int] = None, progress=None,
+               save_png: Callable = None) -> list:
+  """Selects chunk by chunk; a chunk with its marker is done and skipped on a rerun.
+
+  Each chunk writes its PNGs, then its records, then its marker (all atomic), so a kill leaves
+  either a finished chunk or one that is redone from scratch with the same seeds. `stop_after`
+  returns after that many newly computed chunks (for tests of resumption). Returns the markers.
+  """
+  require(chunk_images >= 1, f"config.select.chunk_images={chunk_images} must be >= 1")
+  n_images = len(inputs.paths)
+  n_chunks = -(-n_images // chunk_images)
+  stats, computed = [], 0
+  for k in range(n_chunks):
+    marker = chunk_marker(out_dir, k)
+    if os.path.exists(marker):
+      stats.append(io_utils.read_json(marker))
+      if progress is not None:
+        progress.update(min(chunk_images, n_images - k * chunk_images))
+      continue
+    if stop_after is not None and computed >= stop_after:
+      break
+    start = time.perf_counter()
+    indices = range(k * chunk_images, min((k + 1) * chunk_images, n_images))
+    records, chosen = select_images(inputs, rule, indices)
+    if write:
+      for i, (primary, second) in sorted(chosen.items()):
+        save_png(os.path.join(out_dir, "images", output_path(inputs.paths[i])), primary)
+        if second is not None:
+          save_png(os.path.join(out_dir, "images", output_path(inputs.paths[i], True)), second)
+      io_utils.write_text(chunk_records(out_dir, k), "".join(_json_line(r) for r in records))
+    s = chunk_stats(records, len(indices), time.perf_counter() - start)
+    if write:
+      io_utils.write_json(marker, s)
+    stats.append(s)
+    computed += 1
+    if progress is not None:
+      progress.update(len(indices))
+  return stats
+
+
+def _json_line(record: dict) -> str:
+  import json
+  return json.dumps(record, sort_keys=True) + "\n"
+
+
+def filelist_lines(records: list, labels: np.ndarray) -> list:
+  """Reference filelist: `<relpath> l0 .. l7` per released image, a `_2nd` line after its primary."""
+  lines = []
+  for r in sorted((r for r in records if r["outcome"] in (KEPT, SECOND)),
+                  key=lambda r: (r["index"], r["outcome"] != KEPT)):
+    path = output_path(r["path"], r["outcome"] == SECOND)
+    lines.append(path + " " + " ".join(str(int(v)) for v in labels[r["index"]]) + "\n")
+  return lines
+
+
+def summarise(stats: list, rule: SelectionRule, inputs: SelectionInputs) -> dict:
+  """Totals over chunk markers (all deterministic except the timing fields under `throughput`)."""
+  total = lambda key: int(sum(s[key] for s in stats))
+  retries = {}
+  for s in stats:
+    for rounds, count in s["retries"].items():
+      retries[rounds] = retries.get(rounds, 0) + count
+  skipped = sorted(i for s in stats for i in s["skipped"])
+  candidates = total("candidates")
+  seconds = float(sum(s["seconds"] for s in stats))
+  ratio = lambda a, b: a / b if b else 0.0
+  return dict(
+      train_images=len(inputs.paths), tau=float(inputs.tau),
+      n_candidates=rule.n_candidates, guidance_rounds=rule.guidances(),
+      candidates=candidates,
+      first_round_rejection_rate=ratio(total("first_round_rejected"), total("first_round_candidates")),
+      rejection_rate=ratio(total("rejected"), candidates),
+      retries_histogram=dict(sorted(retries.items(), key=lambda kv: int(kv[0]))),
+      skipped_images=len(skipped), skipped_paths=[inputs.paths[i] for i in skipped],
+      released=total("kept") + total("second"), released_primary=total("kept"),
+      released_second=total("second"),
+      # the reference's 1:1 check (candidate vs its own conditioning image) on the same candidates
+      one_to_one_memorisation_rate=ratio(total("self_match"), candidates),
+      one_to_one_released_matches=total("released_self_match"),
+      # rejected here (linked to some training patient) but passed by a 1:1-only check
+      missed_by_one_to_one_rate=ratio(total("missed_by_one_to_one"), candidates),
+      throughput=dict(seconds=seconds, candidates_per_s=ratio(candidates, seconds)))
