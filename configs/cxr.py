@@ -160,6 +160,7 @@ def _recipe():
   se.guidance_floor = 0.7
   se.max_rounds = 6
   se.second = False
+  se.chunk_images = 32             # real images per resumable chunk (all their candidates in memory)
 
   # ---------------------------------------------------------------- audit
   c.audit = a = ml_collections.ConfigDict()
@@ -223,6 +224,7 @@ def _demo(c):
   c.sample.steps = 16
   c.sample.batch_size = 128
   c.select.n_candidates = 4
+  c.select.chunk_images = 64
   c.audit.query_block = 256
   c.audit.ref_block = 1024
   c.evaluate.bootstrap = 200
@@ -259,6 +261,7 @@ def _tiny(c):
   c.sample.batch_size = 16
   c.select.n_candidates = 2
   c.select.max_rounds = 2
+  c.select.chunk_images = 4
   c.audit.query_block = 32
   c.audit.ref_block = 64
   c.evaluate.bootstrap = 50
