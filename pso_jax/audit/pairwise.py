@@ -49,7 +49,7 @@ class PatientSearch:
   best_patient: np.ndarray        # [N] int32: patient of the most similar reference
   best_sim: np.ndarray            # [N] float32
   matched_patients: np.ndarray    # [N, kk] int32: matched patients by similarity, -1 padded
-                                  # (complete unless n_patients_matched exceeds its width)
+  matched_complete: np.ndarray    # [N] bool: matched_patients lists every matched patient
   stats: dict                     # how the answer was certified (counts per path)
 
 
@@ -461,7 +461,8 @@ def patient_search(queries, refs, ref_patients, tau: float, k: int, *, query_blo
   return PatientSearch(
       topk_sims=exact[:, :k].astype(np.float32), topk_idx=idx[:, :k].astype(np.int32),
       n_patients_matched=count, best_patient=best_patient,
-      best_sim=exact[:, 0].astype(np.float32), matched_patients=matched, stats=stats)
+      best_sim=exact[:, 0].astype(np.float32), matched_patients=matched,
+      matched_complete=~saturated, stats=stats)
 
 
 def gflop(n: int, m: int, d: int) -> float:
