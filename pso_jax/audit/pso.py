@@ -51,8 +51,9 @@ def wilson(successes: int, n: int, confidence: float = 0.95) -> Rate:
   denom = 1 + z * z / n
   center = (p + z * z / (2 * n)) / denom
   error = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-  return Rate(int(successes), int(n), p, center, error, max(0.0, center - error),
-              min(1.0, center + error))
+  low = 0.0 if successes == 0 else max(0.0, center - error)   # exact ends, not rounded ones
+  high = 1.0 if successes == n else min(1.0, center + error)
+  return Rate(int(successes), int(n), p, float(center), float(error), float(low), float(high))
 
 
 def residual_risk(attack: Rate, control: Rate) -> dict:
