@@ -52,11 +52,14 @@ def _recipe():
   l.mean = (7.00, 2.91, 0.94, -2.75)   # cxr8 raw channel statistics (trichotomy.md 2.4)
   l.std = (3.13, 4.18, 2.89, 2.61)
   l.final_std = 0.5
+  l.batch_size = 8                 # sd_vae: images per encode/decode call (512 px VAE is memory-hungry)
   # pseudo-conditioning features (unit-norm, one per training image)
   d.features = f = ml_collections.ConfigDict()
   f.kind = "file"                  # random_projection | file | resnet50
   f.path = ""                      # .npy [N_train, dim] aligned with the train filelist
   f.weights = ""                   # torchvision-format ResNet-50 weights for kind=resnet50
+  f.resize = 224                   # resnet50: short side before ImageNet mean/std (SwAV / BeyondFID)
+  f.batch_size = 32                # resnet50: images per feature-extraction call
   f.dim = 2048
   f.pool_size = 16                 # random_projection: pixels are average-pooled to this first
   f.seed = 7
@@ -118,6 +121,13 @@ def _recipe():
   ri.image_size = 256
   ri.embed_dim = 128
   ri.width = 32                    # small_resnet base width
+  ri.blocks = (1, 1, 1)            # small_resnet basic blocks per stage (widths x1, x2, x4, ...)
+  ri.norm = "batch"                # small_resnet norm: batch | group
+  ri.scans_per_patient = 4         # batches are (batch_size / this) patients x this many scans
+  ri.crop_min_scale = 0.7          # augmentation: random resized crop area in [this, 1]
+  ri.intensity = 0.1               # augmentation: contrast / brightness jitter
+  ri.weight_decay = 0.0
+  ri.max_pairs = 2_000_000         # calibration/test pairs: all positives, negatives capped here
   ri.batch_size = 32
   ri.steps = 20000
   ri.lr = 1e-4
@@ -131,7 +141,11 @@ def _recipe():
   cl.arch = "densenet121"          # densenet121 | small_resnet
   cl.weights = ""                  # optional torchvision DenseNet-121 (ImageNet) init
   cl.image_size = 224
-  cl.width = 32
+  cl.width = 32                    # small_resnet base width
+  cl.blocks = (1, 1, 1)
+  cl.norm = "batch"
+  cl.crop_min_scale = 0.08         # random resized crop area in [this, 1] (torchvision default)
+  cl.eval_every = 0                # val loss every this many steps (0: once per epoch)
   cl.batch_size = 16
   cl.lr = 1e-4
   cl.weight_decay = 1e-5
@@ -172,6 +186,14 @@ def _recipe():
   a.weight_bound = -1.0            # <0: 1 / n_train_patients
   a.risk_bound = 0.05              # verdict: residual-risk upper CI must stay below
   a.canaries = 0                   # plant this many exact + near copies (tests / demo check)
+  a.canary_noise = 4.0             # near copies: Gaussian noise std in grey levels
+  a.canary_shift = 1               # near copies: shift in pixels
+  a.canary_contrast = 1.15         # near copies: contrast gain about the image mean
+  a.holdout_split = "test"         # patient-disjoint real images: control predicates + weights
+  a.ring = False                   # rotate sharded references (ppermute) instead of replicating
+  a.count_k = 32                   # candidates per query for patient counting (more: exact pass)
+  a.train_queries = 2000           # train images drawn for the train->train histogram
+  a.gallery = 8                    # most similar pairs shown side by side
 
   # ---------------------------------------------------------------- evaluation
   c.evaluate = ev = ml_collections.ConfigDict()
