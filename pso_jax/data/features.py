@@ -113,9 +113,9 @@ def load_file(config, input_paths: np.ndarray, split_rows: dict[str, np.ndarray]
     raise UserError(f"features file {path!r} has shape {feats.shape}; expected [N, dim]")
   n_all, n_train = len(input_paths), len(split_rows["train"])
   if len(feats) == n_all:
-    expected, rows_of = list(input_paths), dict(split_rows)
+    expected, rows_of = [str(p) for p in input_paths], dict(split_rows)
   elif len(feats) == n_train:
-    expected = list(input_paths[split_rows["train"]])
+    expected = [str(p) for p in input_paths[split_rows["train"]]]
     rows_of = {"train": np.arange(n_train)}
   else:
     raise UserError(f"features file {path!r} has {len(feats)} rows but the filelist has {n_all} "

@@ -81,7 +81,7 @@ def detect_path_style(paths, source: str = "") -> str:
   for style in PATH_STYLES:
     if all(patient_id(p, style) is not None for p in paths):
       return style
-  first = paths[0] if len(paths) else ""
+  first = str(paths[0]) if len(paths) else ""
   examples = "; ".join(f"{k}: {v}" for k, v in _EXAMPLES.items())
   raise UserError(f"{source or 'filelist'}: cannot tell the patient id from paths like {first!r} "
                   f"(known styles: {examples}); set --config.data.path_style or use a CSV with a "
@@ -95,7 +95,7 @@ def patient_ids_for(paths, style: str = "auto", source: str = "") -> np.ndarray:
     raise UserError(f"config.data.path_style={style!r} is unknown; use auto, "
                     f"{', '.join(PATH_STYLES)} (or source=csv for explicit patient ids)")
   ids = []
-  for i, p in enumerate(paths):
+  for i, p in enumerate(map(str, paths)):
     pid = patient_id(p, style)
     if pid is None:
       raise UserError(f"{source}:{i + 1}: path {p!r} does not follow the {style} style "
@@ -192,7 +192,7 @@ def split_patients(patient_ids, fractions=(0.8, 0.1, 0.1), seed: int = 42) -> di
 def check_patient_disjoint(splits: dict[str, Table]) -> None:
   owner = {}
   for name, table in splits.items():
-    for pid in np.unique(table.patient_ids):
+    for pid in map(str, np.unique(table.patient_ids)):
       if owner.setdefault(pid, name) != name:
         raise UserError(f"patient {pid!r} is in both the {owner[pid]} and the {name} split; splits "
                         "must be patient-disjoint (one patient's scans would leak between them). "
