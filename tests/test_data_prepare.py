@@ -273,3 +273,30 @@ def test_identity_latents_round_trip():
   assert np.array_equal(latents.from_model_space(x + 0.003, config), pixels)   # rounds
   assert latents.from_model_space(np.full((1, 1), 7.0), config)[0, 0] == 255     # clips
   assert latents.model_shape(config) == (16, 16, 1)
+
+
+def test_sd_vae_latents_stored_per_record(tmp_path):
+  """latent.kind=sd_vae: each record holds the VAE latent of its image; chunked encoding
+  (prepare_chunk=8) equals one call over all records in train+val+test order."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from pso_jax.data import vae_latents
+  torch.manual_seed(0)
+  vae = diffusers.AutoencoderKL(
+      block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+      up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+      latent_channels=4, sample_size=16)
+  vae.save_pretrained(str(tmp_path / "vae"))
+  config = load_config("tiny")
+  config.data.latent.kind = "sd_vae"
+  config.data.latent.vae_dir = str(tmp_path / "vae")
+  config.data.latent.mean, config.data.latent.std = (0.1, 0.2, 0.3, 0.4), (1.0, 2.0, 3.0, 4.0)
+  config.data.prepare_chunk = 8
+  workdir = str(tmp_path / "run")
+  prepare.run(config, workdir)
+  splits = [dataset.load_arrays(workdir, s, ("image", "latent")) for s in ("train", "val", "test")]
+  all_images = np.concatenate([s["image"] for s in splits])
+  stored = np.concatenate([s["latent"] for s in splits])
+  assert stored.shape == (len(all_images), 8, 8, 4)
+  np.testing.assert_allclose(stored, vae_latents.encode_images(config, all_images), atol=1e-5)
+  assert latents.model_shape(config) == (8, 8, 4)

@@ -38,11 +38,16 @@ def unit_to_pixels(x) -> np.ndarray:
   return np.clip(np.rint((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def to_model_space(images_uint8, config) -> np.ndarray:
-  """uint8 [N, H, W, C] -> float32 model inputs [N, h, w, c]."""
+def to_model_space(images_uint8, config, *, start_index: int = 0) -> np.ndarray:
+  """uint8 [N, H, W, C] -> float32 model inputs [N, h, w, c].
+
+  start_index: dataset position of the first image (the VAE's posterior noise is drawn per
+  position, so a dataset encoded in chunks matches one encoded at once).
+  """
   if _kind(config) == "identity":
     return pixels_to_unit(images_uint8)
-  return np.asarray(_vae().encode_images(config, np.asarray(images_uint8, np.uint8)), np.float32)
+  images_uint8 = np.asarray(images_uint8, np.uint8)
+  return np.asarray(_vae().encode_images(config, images_uint8, start_index=start_index), np.float32)
 
 
 def from_model_space(x, config) -> np.ndarray:
@@ -57,4 +62,4 @@ def model_shape(config) -> tuple[int, int, int]:
   d = config.data
   if _kind(config) == "identity":
     return (d.image_size, d.image_size, d.channels)
-  return (d.image_size // 8, d.image_size // 8, len(d.latent.mean))  # KL-f8
+  return tuple(_vae().latent_shape(config))

@@ -116,6 +116,8 @@ def _compute_chunks(config, plan: Plan, partial: str) -> None:
   chunk = int(config.data.prepare_chunk)
   todo = [(s, k, part) for s in filelists.SPLITS
           for k, part in enumerate(_chunks(len(plan.rows[s]), chunk))]
+  # position of each split's first record in train+val+test order: one noise stream per record
+  offset = dict(zip(filelists.SPLITS, np.cumsum([0] + [len(plan.rows[s]) for s in filelists.SPLITS])))
   total = sum(len(part) for *_, part in todo)
   with progress.bar(total=total, desc="prepare", unit="img") as pbar:
     for split, k, part in todo:
@@ -127,7 +129,8 @@ def _compute_chunks(config, plan: Plan, partial: str) -> None:
         if raw is not None:
           arrays["raw_feature"] = raw
         if config.data.latent.kind != "identity":
-          arrays["latent"] = latents.to_model_space(imgs, config)
+          arrays["latent"] = latents.to_model_space(imgs, config,
+                                                    start_index=int(offset[split] + part[0]))
         with io_utils.atomic_path(path) as tmp:
           with open(tmp, "wb") as f:
             np.savez(f, **arrays)
