@@ -225,3 +225,14 @@ def write_converted(path: str, variables: dict, arch: str, extra_meta: dict | No
   flat = {"/".join(k): np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flatten(variables).items()}
   meta = {"format": FORMAT_TAG, "arch": arch, **(extra_meta or {})}
   io_utils.write_bytes(path, save(flat, metadata=meta))
+
+
+def flax_to_torch(variables: dict) -> dict[str, np.ndarray]:
+  """The PyTorch state dict a Flax variable tree came from (inverse of `torch_to_flax`)."""
+  out = {}
+  for (collection, *path), value in flatten(variables).items():
+    value = np.asarray(value, np.float32)
+    if path[-1] == "kernel":
+      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    out[path_to_torch_key(collection, tuple(path))] = np.ascontiguousarray(value)
+  return out
