@@ -189,7 +189,8 @@ class GuidedSampler:
   def __call__(self, seeds, cond, guidance) -> np.ndarray:
     seeds = np.asarray(seeds, np.uint32)
     n = len(seeds)
-    cond = np.asarray(cond, np.float32).reshape(n, -1)
+    cond = np.asarray(cond, np.float32)
+    cond = cond.reshape(n, -1) if cond.size else np.zeros((n, 0), np.float32)
     guidance = np.broadcast_to(np.asarray(guidance, np.float32), (n,))
     guided = self.ref is not None and bool(np.any(guidance != 1.0))
     if not guided and np.any(guidance != 1.0):
