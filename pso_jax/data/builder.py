@@ -7,7 +7,9 @@ and the order is the split filelist's. Readers open the folder with `tfds.builde
 (`open_split`), so they need no builder class, only the files.
 """
 
+import contextlib
 import dataclasses
+import io
 import os
 from typing import Callable, Iterator
 
@@ -76,8 +78,9 @@ def write(data_dir: str, spec: RecordSpec, examples: dict[str, Callable[[], Iter
   the builder folder."""
   tfds.disable_progress_bar()  # prepare shows its own bar
   builder = PreparedCxr(spec=spec, examples=examples, data_dir=data_dir)
-  builder.download_and_prepare(
-      download_dir=scratch_dir, download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  with contextlib.redirect_stdout(io.StringIO()):  # tfds prints "Downloading and preparing..."
+    builder.download_and_prepare(
+        download_dir=scratch_dir, download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return str(builder.data_dir)
 
 
@@ -88,3 +91,9 @@ def builder_dir(data_dir: str) -> str:
 def open_split(data_dir: str, split: str):
   """The tfds ArrayRecord data source of one split (records as dicts, text as bytes)."""
   return tfds.builder_from_directory(builder_dir(data_dir)).as_data_source(split)
+
+
+def record_shapes(data_dir: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """(shape, dtype) of each non-text record key, from the stored feature spec."""
+  feats = tfds.builder_from_directory(builder_dir(data_dir)).info.features
+  return {k: (tuple(f.shape), np.dtype(f.np_dtype)) for k, f in feats.items() if k not in TEXT_KEYS}

@@ -76,8 +76,9 @@ def load_arrays(workdir: str, split: str, keys=("image", "labels", "patient_id")
       out[k] = np.array(values, dtype=str)
     elif values:
       out[k] = np.stack(values)
-    else:
-      out[k] = np.zeros((0,), np.float32)
+    else:  # an empty split still has the record shapes
+      shape, dtype = builder.record_shapes(prepare.data_dir(workdir))[k]
+      out[k] = np.zeros((0, *shape), dtype)
   return out
 
 

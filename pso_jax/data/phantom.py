@@ -110,8 +110,8 @@ def _scan_params(seed: int, patients: np.ndarray, scans: np.ndarray) -> dict:
 
 
 def _soft(x, edge):
-  """Soft step: 1 where x > 0, 0 where x < 0, over a width `edge`."""
-  return 1 / (1 + np.exp(-np.clip(x / edge, -30, 30)))
+  """Soft step: 1 where x > 0, 0 where x < 0, over a width `edge` (a logistic, via tanh)."""
+  return 0.5 + 0.5 * np.tanh(x * (0.5 / edge))
 
 
 def _col(a):
@@ -133,13 +133,22 @@ def _lung_masks(u, v, pp, breath, edge):
 
 
 def render(phantom_config, idx: PhantomIndex, image_size: int, channels: int,
-           select: np.ndarray | None = None) -> np.ndarray:
-  """uint8 [n, S, S, channels] images of the scans `select` (positions in `idx`; all if None)."""
+           select: np.ndarray | None = None, block: int = 32) -> np.ndarray:
+  """uint8 [n, S, S, channels] images of the scans `select` (positions in `idx`; all if None).
+
+  Drawn `block` scans at a time: the temporaries then stay in cache, which is several times
+  faster than one pass over all scans.
+  """
   sel = np.arange(len(idx)) if select is None else np.asarray(select)
+  out = np.zeros((len(sel), int(image_size), int(image_size), channels), np.uint8)
+  for start in range(0, len(sel), block):
+    out[start:start + block] = _render_block(phantom_config, idx, int(image_size), channels,
+                                             sel[start:start + block])
+  return out
+
+
+def _render_block(phantom_config, idx, size, channels, sel):
   seed = int(phantom_config.seed)
-  n, size = len(sel), int(image_size)
-  if n == 0:
-    return np.zeros((0, size, size, channels), np.uint8)
   pp = _patient_params(seed, idx.patient[sel])
   sp = _scan_params(seed, idx.patient[sel], idx.scan[sel])
   lab = idx.labels[sel]
@@ -183,7 +192,11 @@ def render(phantom_config, idx: PhantomIndex, image_size: int, channels: int,
   d = body * _col(pp["density"]) + 0.12 * thorax
   d = d - 0.38 * lungs * (1 - 0.5 * heart) + 0.22 * heart + 0.16 * ribs * (0.6 + 0.4 * lungs)
   d = d + 0.18 * spine * body + 0.20 * clav + bio * body
-  d = d + _findings(u, v, lab, sp, pp, (lung_r, lung_l), ((ru, rv), (lu, lv)), edge)
+  ill = np.flatnonzero(lab[:, [1, 3, 4, 5, 6, 7]].any(axis=1))  # drawn only where present
+  if len(ill):
+    pick = lambda params: {k: a[ill] for k, a in params.items()}
+    d[ill] += _findings(u[ill], v[ill], lab[ill], pick(sp), pick(pp), (lung_r[ill], lung_l[ill]),
+                        ((ru[ill], rv[ill]), (lu[ill], lv[ill])))
 
   # exposure and detector noise
   img = np.clip(d, 0, None) ** _col(sp["gamma"]) * _col(sp["gain"]) + _col(sp["offset"])
@@ -194,7 +207,7 @@ def render(phantom_config, idx: PhantomIndex, image_size: int, channels: int,
   return np.repeat(img[..., None], channels, axis=-1)
 
 
-def _findings(u, v, lab, sp, pp, lungs, radii, edge):
+def _findings(u, v, lab, sp, pp, lungs, radii):
   """Density added by the 7 findings (cardiomegaly acts on the heart size in `render`)."""
   lung_r, lung_l = lungs
   (ru, rv), (lu, lv) = radii

@@ -1,0 +1,81 @@
+"""Data benchmark: prepare time and records/s, loader batches/s at the config's batch size.
+
+  python -m pso_jax.bench data [--variant=demo] [--batches=200] [--workdir=DIR]
+
+References measured in the same run: writing and reading the same arrays as one .npy file (the
+floor any on-disk format pays), and gathering shuffled batches from in-memory numpy (what a
+loader with zero overhead would deliver).
+"""
+
+import argparse
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _config(variant: str):
+  spec = importlib.util.spec_from_file_location("cxr_config", os.path.join(ROOT, "configs", "cxr.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  out = fn()
+  return out, time.perf_counter() - start
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(prog="python -m pso_jax.bench data")
+  parser.add_argument("--variant", default="demo")
+  parser.add_argument("--batches", type=int, default=200)
+  parser.add_argument("--workdir", default="", help="default: a temporary folder, removed after")
+  args = parser.parse_args(argv[1:])
+  os.environ.setdefault("PSO_JAX_NO_PROGRESS", "1")
+
+  from pso_jax.data import dataset, phantom, pipeline, prepare
+  config = _config(args.variant)
+  workdir = args.workdir or tempfile.mkdtemp(prefix="pso_jax_bench_data_")
+  try:
+    if prepare.is_complete(workdir):
+      shutil.rmtree(prepare.data_dir(workdir))
+    (_, imgs), t_draw = _timed(lambda: phantom.generate(config))
+    card, t_prep = _timed(lambda: prepare.run(config, workdir))
+    n = sum(s["records"] for s in card["splits"].values())
+
+    # reference: the same image bytes through one .npy write + read
+    ref_path = os.path.join(workdir, "reference.npy")
+    _, t_ref = _timed(lambda: (np.save(ref_path, imgs), np.load(ref_path)))
+    print(f"[data] {args.variant}: {len(imgs)} scans {imgs.shape[1:]}, {n} records after the split rules")
+    print(f"[data] phantom draw      {t_draw:7.2f} s  {len(imgs) / t_draw:9.0f} img/s")
+    print(f"[data] prepare (total)   {t_prep:7.2f} s  {n / t_prep:9.0f} records/s")
+    print(f"[data] reference .npy    {t_ref:7.3f} s  {len(imgs) / t_ref:9.0f} img/s write+read; "
+          f"prepare takes {t_prep / t_ref:.0f}x the raw .npy round trip")
+
+    # loader vs an in-memory gather of the same batches
+    batch = int(config.train.batch_size)
+    source = dataset.load_split(workdir, "train")
+    arrays = dataset.load_arrays(workdir, "train", ("image", "labels", "feature", "index"))
+    it = iter(pipeline.make_loader(source, global_batch_size=batch, seed=0))
+    next(it)  # start-up (thread pool, file handles) is not throughput
+    _, t_loader = _timed(lambda: [next(it) for _ in range(args.batches)])
+    rng = np.random.default_rng(0)
+    def gather():
+      for _ in range(args.batches):
+        rows = rng.choice(len(source), batch, replace=False)
+        {k: v[rows] for k, v in arrays.items()}
+    _, t_gather = _timed(gather)
+    loader_bps, gather_bps = args.batches / t_loader, args.batches / t_gather
+    print(f"[data] loader            {loader_bps:9.1f} batches/s of {batch} "
+          f"({loader_bps * batch:.0f} records/s)")
+    print(f"[data] in-memory gather  {gather_bps:9.1f} batches/s; loader = {loader_bps / gather_bps:.3f}x")
+  finally:
+    if not args.workdir:
+      shutil.rmtree(workdir, ignore_errors=True)
