@@ -55,6 +55,7 @@ def flag_rate_curve(arrays: dict, tau: float, path: str) -> None:
   ax.set_xlabel("threshold t")
   ax.set_ylabel("share with a training match at sim >= t")
   ax.set_yscale("symlog", linthresh=1e-3)
+  ax.set_ylim(0, 1.05)
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   _save(fig, path)
