@@ -300,3 +300,21 @@ def test_sd_vae_latents_stored_per_record(tmp_path):
   assert stored.shape == (len(all_images), 8, 8, 4)
   np.testing.assert_allclose(stored, vae_latents.encode_images(config, all_images), atol=1e-5)
   assert latents.model_shape(config) == (8, 8, 4)
+
+
+def test_features_aligned_with_train_split_only(tmp_path):
+  """A features file with one row per train record: val/test records get the null condition."""
+  root = tmp_path / "images"
+  rows = _make_dataset(str(root), "cxr8")
+  filelist = tmp_path / "list.txt"
+  _write_filelist(filelist, rows)
+  config = _config(root, filelist=filelist)
+  n_train = len(prepare.make_plan(config).rows["train"])
+  feats = _features_file(tmp_path, config, n_train)
+  workdir = str(tmp_path / "run")
+  card = prepare.run(config, workdir)
+  np.testing.assert_allclose(dataset.load_features(workdir, "train"), features.unit_normalise(feats),
+                             rtol=1e-6)
+  assert not dataset.load_arrays(workdir, "test", ("feature",))["feature"].any()
+  assert card["splits"]["train"]["null_features"] == 0
+  assert card["splits"]["test"]["null_features"] == card["splits"]["test"]["records"]

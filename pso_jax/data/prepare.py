@@ -22,6 +22,7 @@ import time
 from typing import Callable
 
 import numpy as np
+from absl import logging
 
 from pso_jax import io_utils, progress
 from pso_jax.data import builder, features, filelists, images, latents, phantom
@@ -179,7 +180,7 @@ def _examples(config, plan: Plan, partial: str, split: str, feats: np.ndarray):
 # ---------------------------------------------------------------- card
 
 
-def make_card(config, plan: Plan, seconds: float) -> dict:
+def make_card(config, plan: Plan, feats: dict[str, np.ndarray], seconds: float) -> dict:
   d = config.data
   splits = {}
   for split in filelists.SPLITS:
@@ -188,6 +189,8 @@ def make_card(config, plan: Plan, seconds: float) -> dict:
         "records": len(t), "patients": int(len(np.unique(t.patient_ids))),
         "multi_label": int((t.labels.sum(1) > 1).sum()), "dropped_rows": plan.dropped[split],
         "positives": {name: int(c) for name, c in zip(d.findings, t.labels.sum(0))},
+        # rows without a feature (file aligned with train only): the null condition
+        "null_features": int((np.abs(feats[split]).sum(1) == 0).sum()),
     }
   return {
       "name": d.name, "source": d.source, "input": plan.table.source,
@@ -240,7 +243,7 @@ def _build(config, plan: Plan, workdir: str) -> dict:
   for split in filelists.SPLITS:
     io_utils.write_npy(os.path.join(stage, f"features_{split}.npy"), feats[split])
     filelists.write_filelist(os.path.join(stage, f"{split}.txt"), plan.table.take(plan.rows[split]))
-  card = make_card(config, plan, time.time() - start)
+  card = make_card(config, plan, feats, time.time() - start)
   io_utils.write_json(os.path.join(stage, "card.json"), card)
   io_utils.write_text(os.path.join(stage, "card.md"), card_markdown(card))
   io_utils.write_text(os.path.join(stage, COMPLETE), "ok\n")
@@ -250,6 +253,9 @@ def _build(config, plan: Plan, workdir: str) -> dict:
     shutil.rmtree(target)  # not COMPLETE (checked by run), so never a finished dataset
   os.replace(stage, target)
   shutil.rmtree(partial)
+  counts = ", ".join(f"{k} {v['records']} ({v['patients']} patients)" for k, v in card["splits"].items())
+  logging.info("prepared %s (%s) in %.1f s: %s -> %s", config.data.name, config.data.source,
+               card["prepare_seconds"], counts, target)
   return card
 
 
