@@ -170,3 +170,20 @@ def restore_variables(directory: str, abstract: dict) -> dict:
 def write_history(path: str, history: list) -> None:
   if jax.process_index() == 0:
     io_utils.write_text(path, "".join(json.dumps(h) + "\n" for h in history))
+
+
+def apply_batched(fn: Callable, images: np.ndarray, batch_size: int) -> np.ndarray:
+  """`fn` (jitted, on a fixed batch shape so it compiles once) over `images` in batches; the last
+  batch is padded with copies of the first image and the padding dropped."""
+  images = np.asarray(images)
+  if len(images) == 0:
+    raise UserError("no images to run the network on (empty input)")
+  batch_size = min(batch_size, len(images))
+  outputs = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    n = len(chunk)
+    if n < batch_size:
+      chunk = np.concatenate([chunk, np.repeat(images[:1], batch_size - n, axis=0)])
+    outputs.append(np.asarray(jax.device_get(fn(chunk)))[:n])
+  return np.concatenate(outputs)

@@ -1,0 +1,170 @@
+"""Re-identification embedder: loss, threshold calibration, and the trained model for inference.
+
+Embeddings are unit-norm, so the similarity of two images is their dot product and "same
+patient" is the predicate sim >= tau. tau is calibrated on patient-disjoint validation pairs:
+  - "fpr": the lowest threshold whose false-positive rate over the different-patient pairs is at
+    most config.reid.target_fpr;
+  - "prob05": the reference's rule: a logistic calibration p(same | sim) fitted on class-balanced
+    validation pairs (the reference's pairs are balanced 1:1), tau where p = 0.5.
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pso_jax import io_utils
+from pso_jax.errors import UserError
+from pso_jax.models import cnn
+from pso_jax.training import supervised
+
+TAU_MODES = ("fpr", "prob05")
+SUBDIR = "reid"
+RESULT_FILE = "reid.json"
+
+
+def supcon_loss(z, labels, temperature: float):
+  """Supervised contrastive loss (Khosla et al. 2020) over unit-norm embeddings z [B, d].
+
+  Every image is an anchor; the other scans of its patient in the batch are its positives, all
+  other images the contrast set. Anchors without a positive are left out of the mean.
+  """
+  b = z.shape[0]
+  logits = (z @ z.T) / temperature
+  self_mask = jnp.eye(b, dtype=bool)
+  logits = jnp.where(self_mask, -jnp.inf, logits)
+  log_prob = logits - jax.nn.logsumexp(logits, axis=1, keepdims=True)
+  positive = (labels[:, None] == labels[None, :]) & ~self_mask
+  n_pos = positive.sum(1)
+  per_anchor = -jnp.where(positive, log_prob, 0.0).sum(1) / jnp.maximum(n_pos, 1)
+  has_pos = n_pos > 0
+  loss = jnp.sum(jnp.where(has_pos, per_anchor, 0.0)) / jnp.maximum(has_pos.sum(), 1)
+  # share of anchors whose most similar other image is a scan of the same patient
+  nearest = jnp.argmax(jnp.where(self_mask, -jnp.inf, z @ z.T), axis=1)
+  top1 = jnp.mean((labels[nearest] == labels).astype(jnp.float32))
+  return loss, {"top1": top1}
+
+
+# ------------------------------------------------------------------ pairs and calibration
+
+def make_pairs(patients, max_pairs: int, seed: int = 0):
+  """(i, j, same) index pairs over one split: every pair when there are at most `max_pairs`,
+  else every same-patient pair plus uniformly drawn different-patient pairs up to `max_pairs`."""
+  patients = np.asarray(patients)
+  n = len(patients)
+  if n * (n - 1) // 2 <= max_pairs:
+    i, j = np.triu_indices(n, 1)
+  else:
+    _, inverse = np.unique(patients, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, inverse[order][1:] != inverse[order][:-1], True])
+    pos_i, pos_j = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):  # every pair within each patient's scans
+      a, b = np.triu_indices(hi - lo, 1)
+      pos_i.append(order[lo:hi][a])
+      pos_j.append(order[lo:hi][b])
+    pos_i, pos_j = np.concatenate(pos_i), np.concatenate(pos_j)
+    n_neg = max(max_pairs - len(pos_i), 1)
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, n, (2, 2 * n_neg))
+    keep = inverse[a] != inverse[b]
+    neg = np.unique(np.stack([np.minimum(a, b)[keep], np.maximum(a, b)[keep]]), axis=1)
+    neg = neg[:, rng.permutation(neg.shape[1])[:n_neg]]
+    i, j = np.concatenate([pos_i, neg[0]]), np.concatenate([pos_j, neg[1]])
+  return i, j, patients[i] == patients[j]
+
+
+def pair_similarities(embeddings, i, j, chunk: int = 1 << 18) -> np.ndarray:
+  e = np.asarray(embeddings, np.float32)
+  return np.concatenate([np.einsum("nd,nd->n", e[i[s:s + chunk]], e[j[s:s + chunk]])
+                         for s in range(0, len(i), chunk)] or [np.zeros(0, np.float32)])
+
+
+def tau_at_fpr(negative_sims, target_fpr: float) -> float:
+  """Lowest float32 threshold t with mean(negative_sims >= t) <= target_fpr."""
+  neg = np.sort(np.asarray(negative_sims, np.float32))[::-1]
+  if neg.size == 0:
+    raise UserError("no different-patient pairs to calibrate tau on; the validation split needs "
+                    "at least two patients")
+  allowed = int(np.floor(target_fpr * neg.size + 1e-9))
+  if allowed >= neg.size:
+    return float(neg[-1])
+  return float(np.nextafter(neg[allowed], np.float32(np.inf)))
+
+
+def tau_prob05(sims, same) -> float:
+  """Similarity where a class-balanced logistic fit of p(same | sim) crosses 0.5."""
+  from sklearn.linear_model import LogisticRegression
+  same = np.asarray(same, bool)
+  if same.all() or not same.any():
+    raise UserError("prob05 calibration needs both same- and different-patient validation pairs")
+  fit = LogisticRegression(C=1e6, class_weight="balanced", max_iter=1000)
+  fit.fit(np.asarray(sims, np.float64)[:, None], same)
+  slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+  if slope <= 0:
+    raise UserError("the re-id model does not separate patients on the validation pairs (similarity "
+                    "falls with same-patient probability); train it longer (config.reid.steps)")
+  return float(np.float32(-intercept / slope))
+
+
+def rates_at(sims, same, tau: float) -> dict:
+  """TPR and FPR of the predicate sim >= tau."""
+  sims, same = np.asarray(sims, np.float32), np.asarray(same, bool)
+  hit = sims >= np.float32(tau)
+  return {"tpr": float(hit[same].mean()) if same.any() else None,
+          "fpr": float(hit[~same].mean()) if (~same).any() else None}
+
+
+def calibrate_tau(sims, same, mode: str, target_fpr: float) -> float:
+  if mode == "fpr":
+    return tau_at_fpr(np.asarray(sims)[~np.asarray(same, bool)], target_fpr)
+  if mode == "prob05":
+    return tau_prob05(sims, same)
+  raise UserError(f"config.reid.tau_mode must be one of {TAU_MODES}, got {mode!r}")
+
+
+# ------------------------------------------------------------------ the trained model
+
+@dataclasses.dataclass
+class ReidModel:
+  """A trained embedder: `.embed(images_uint8 NHWC) -> [N, d] unit-norm float32`, `.tau`."""
+  spec: cnn.CnnSpec
+  variables: dict
+  tau: float
+  batch_size: int = 256
+
+  def __post_init__(self):
+    model = cnn.build_cnn(self.spec)
+    variables = jax.device_put(self.variables)
+    self._apply = jax.jit(lambda x: model.apply(variables, cnn.preprocess(x, self.spec),
+                                                train=False))
+
+  @property
+  def embed_dim(self) -> int:
+    return self.spec.out_dim
+
+  def embed(self, images) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != self.spec.channels:
+      raise UserError(f"re-id model expects uint8 images [N, H, W, {self.spec.channels}], got "
+                      f"{images.dtype} {images.shape}")
+    return supervised.apply_batched(self._apply, images, self.batch_size).astype(np.float32)
+
+
+def checkpoint_dir(out_dir: str) -> str:
+  return os.path.join(out_dir, "checkpoint")
+
+
+def load_reid(workdir: str, subdir: str = SUBDIR) -> ReidModel:
+  out_dir = os.path.join(workdir, subdir)
+  path = os.path.join(out_dir, RESULT_FILE)
+  if not os.path.exists(os.path.join(out_dir, "COMPLETE")) or not os.path.exists(path):
+    raise UserError(f"no trained re-identification model in {out_dir!r}; run "
+                    "--mode=train_reid first")
+  result = io_utils.read_json(path)
+  spec = cnn.CnnSpec.from_dict(result["model"])
+  abstract = jax.eval_shape(lambda: cnn.init_cnn(spec, jax.random.key(0)))
+  variables = supervised.restore_variables(checkpoint_dir(out_dir), abstract)
+  return ReidModel(spec=spec, variables=variables, tau=float(result["tau"]))
