@@ -318,3 +318,17 @@ def test_features_aligned_with_train_split_only(tmp_path):
   assert not dataset.load_arrays(workdir, "test", ("feature",))["feature"].any()
   assert card["splits"]["train"]["null_features"] == 0
   assert card["splits"]["test"]["null_features"] == card["splits"]["test"]["records"]
+
+
+def test_image_decoding_16_bit_and_channels(tmp_path):
+  ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+  Image.fromarray(ramp).save(tmp_path / "deep.png")
+  grey = images.load_image(str(tmp_path / "deep.png"), 64, 1)
+  assert grey.shape == (64, 64, 1)
+  assert np.abs(grey[..., 0].astype(int) - np.rint(ramp / 257).astype(int)).max() <= 1  # not clipped
+  rgb = images.load_image(str(tmp_path / "deep.png"), 32, 3)
+  assert rgb.shape == (32, 32, 3) and np.array_equal(rgb[..., 0], rgb[..., 2])
+  colour = np.zeros((8, 8, 3), np.uint8)
+  colour[..., 0] = 200
+  Image.fromarray(colour).save(tmp_path / "red.png")
+  assert images.load_image(str(tmp_path / "red.png"), 8, 1)[0, 0, 0] == round(200 * 0.299)

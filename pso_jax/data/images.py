@@ -25,12 +25,21 @@ def check_files_exist(image_root: str, relative_paths, source: str = "") -> None
                     "does not exist; check config.data.image_root or remove the lines")
 
 
+def _to_8bit(im: Image.Image) -> Image.Image:
+  """16-bit and 32-bit grey images scaled to 8 bits (PIL's convert would clip them at 255)."""
+  if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+    arr = np.asarray(im, np.float64)
+    full = 65535.0 if im.mode != "F" or arr.max() > 1 else 1.0
+    return Image.fromarray(np.clip(np.rint(arr / full * 255), 0, 255).astype(np.uint8))
+  return im
+
+
 def load_image(path: str, image_size: int, channels: int) -> np.ndarray:
   """uint8 [image_size, image_size, channels]; an unreadable or truncated file is a UserError."""
   try:
     with Image.open(path) as im:
       im.load()  # decodes fully: truncated files fail here, not later
-      im = im.convert("L" if channels == 1 else "RGB")
+      im = _to_8bit(im).convert("L" if channels == 1 else "RGB")
       if im.size != (image_size, image_size):
         im = im.resize((image_size, image_size), Image.BICUBIC)
       arr = np.asarray(im, dtype=np.uint8)

@@ -12,7 +12,8 @@ from pso_jax.errors import UserError
 KINDS = ("identity", "sd_vae")
 
 
-def _kind(config) -> str:
+def check_kind(config) -> str:
+  """The latent kind, or a UserError naming the allowed ones."""
   kind = config.data.latent.kind
   if kind not in KINDS:
     raise UserError(f"config.data.latent.kind={kind!r} is unknown; use one of {', '.join(KINDS)}")
@@ -44,7 +45,7 @@ def to_model_space(images_uint8, config, *, start_index: int = 0) -> np.ndarray:
   start_index: dataset position of the first image (the VAE's posterior noise is drawn per
   position, so a dataset encoded in chunks matches one encoded at once).
   """
-  if _kind(config) == "identity":
+  if check_kind(config) == "identity":
     return pixels_to_unit(images_uint8)
   images_uint8 = np.asarray(images_uint8, np.uint8)
   return np.asarray(_vae().encode_images(config, images_uint8, start_index=start_index), np.float32)
@@ -52,7 +53,7 @@ def to_model_space(images_uint8, config, *, start_index: int = 0) -> np.ndarray:
 
 def from_model_space(x, config) -> np.ndarray:
   """float32 model outputs [N, h, w, c] -> uint8 images [N, H, W, C]."""
-  if _kind(config) == "identity":
+  if check_kind(config) == "identity":
     return unit_to_pixels(x)
   return np.asarray(_vae().decode_latents(config, np.asarray(x, np.float32)), np.uint8)
 
@@ -60,6 +61,6 @@ def from_model_space(x, config) -> np.ndarray:
 def model_shape(config) -> tuple[int, int, int]:
   """(h, w, c) of one model-space sample, without running an encoder."""
   d = config.data
-  if _kind(config) == "identity":
+  if check_kind(config) == "identity":
     return (d.image_size, d.image_size, d.channels)
   return tuple(_vae().latent_shape(config))

@@ -61,8 +61,8 @@ def _check_config(config) -> None:
   if len(d.findings) != filelists.NUM_LABELS:
     raise UserError(f"config.data.findings must name {filelists.NUM_LABELS} findings")
   features.check_kind(config)
-  if latents._kind(config) != "identity":
-    latents._vae()  # fails now, not after decoding, when the VAE code is missing
+  if latents.check_kind(config) != "identity":
+    latents.model_shape(config)  # a missing VAE folder or a bad image size fails now
 
 
 def make_plan(config) -> Plan:
@@ -97,7 +97,8 @@ def make_plan(config) -> Plan:
 
 
 def _fingerprint(config, plan: Plan) -> str:
-  h = hashlib.sha256(json.dumps(config.data.to_dict(), sort_keys=True, default=list).encode())
+  what = {k: v for k, v in config.data.to_dict().items() if k != "worker_count"}
+  h = hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode())
   for split in filelists.SPLITS:
     h.update(split.encode())
     h.update("\n".join(plan.table.paths[plan.rows[split]]).encode())
