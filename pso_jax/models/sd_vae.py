@@ -20,6 +20,7 @@ from pso_jax.models import weights as weights_lib
 
 ARCH = "sd_vae"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+LEGACY_WEIGHTS_FILE = "diffusion_pytorch_model.bin"
 _EPS = 1e-6  # diffusers' resnet_eps for the VAE
 
 
@@ -257,6 +258,8 @@ def load_vae(path: str) -> tuple[AutoencoderKL, dict]:
     config = read_config(path)
     folder = _subdir_with_weights(path)
     weight_path = os.path.join(folder, WEIGHTS_FILE)
+    if not os.path.isfile(weight_path) and os.path.isfile(os.path.join(folder, LEGACY_WEIGHTS_FILE)):
+      weight_path = os.path.join(folder, LEGACY_WEIGHTS_FILE)  # older repos: a torch pickle
     if not os.path.isfile(weight_path):
       found = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".bin")))
       raise UserError(f"{folder} has no {WEIGHTS_FILE} (found: {found or 'none'}); download it "
