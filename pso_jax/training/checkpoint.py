@@ -1,0 +1,161 @@
+"""Orbax checkpoints of the train state with the grain iterator state, plus EMA snapshots.
+
+Layout under `diffusion/`:
+  checkpoints/<step>/{state, data_iter, meta}   orbax, atomic (written to a temporary folder and
+                                                renamed when complete), the newest N kept;
+  ema_snapshots/ema-<nimg>-<std>.npz            EMA weights every snapshot_images, kept for
+                                                post-hoc reconstruction of any EMA width.
+A checkpoint at step s holds the state after s updates; training resumes with update s + 1.
+Every process calls save and restore (orbax coordinates them); process 0 writes the snapshots.
+"""
+
+import errno
+import glob
+import os
+import re
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from pso_jax import io_utils
+from pso_jax.errors import UserError
+
+
+def _handlers():
+  return dict(state=ocp.StandardCheckpointHandler(),
+              data_iter=grain.checkpoint.CheckpointHandler(),
+              meta=ocp.JsonCheckpointHandler())
+
+
+class Checkpointer:
+  """The run's CheckpointManager: save(step, state, iterator, meta) / restore(step, target, it)."""
+
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True,
+                                           enable_async_checkpointing=bool(async_save))
+    self.manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(),
+                                         options=options)
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def all_steps(self):
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state, data_iter, meta: dict) -> None:
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if data_iter is not None:
+      items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    try:
+      self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+    except OSError as e:
+      raise self._save_error(step, e) from e
+
+  def wait(self) -> None:
+    try:
+      self.manager.wait_until_finished()
+    except OSError as e:
+      raise self._save_error(None, e) from e
+
+  def _save_error(self, step, e: OSError) -> UserError:
+    what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else str(e)
+    latest = self.latest_step()
+    kept = (f"the last complete checkpoint (step {latest}) is kept" if latest is not None
+            else "no complete checkpoint exists yet")
+    return UserError(f"saving the checkpoint{'' if step is None else f' of step {step}'} to "
+                     f"{self.directory} failed: {what}; {kept}. Free space (or move the workdir) "
+                     "and rerun the same command to resume")
+
+  def check_compatible(self, step: int, abstract_state) -> None:
+    """UserError naming the leaves whose shape or structure differ from the checkpoint's."""
+    stored = self.manager.item_metadata(step)["state"]
+    stored = ocp.tree.to_flat_dict(getattr(stored, "tree", stored))
+    wanted = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=False))
+    stored = {k: tuple(v.shape) for k, v in stored.items() if v is not None}
+    wanted = {k: tuple(v.shape) for k, v in wanted.items()}
+    name = "/".join
+    problems = [f"{name(k)}: checkpoint {stored[k]} vs config {wanted[k]}"
+                for k in sorted(set(stored) & set(wanted)) if stored[k] != wanted[k]]
+    problems += [f"{name(k)}: only in the checkpoint" for k in sorted(set(stored) - set(wanted))]
+    problems += [f"{name(k)}: only in this config" for k in sorted(set(wanted) - set(stored))]
+    if problems:
+      shown = "\n  ".join(problems[:12]) + ("\n  ..." if len(problems) > 12 else "")
+      raise UserError(
+          f"the checkpoint at {self.directory}/{step} was written by a model of another shape "
+          f"({len(problems)} leaves differ):\n  {shown}\nResume with the config that wrote it "
+          "(see config.json in the workdir), or train this config in a new --workdir")
+
+  def restore(self, step: int, abstract_state, data_iter=None):
+    """(state, meta): state restored straight into the shardings of `abstract_state`."""
+    self.check_compatible(step, abstract_state)
+    items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    if data_iter is not None:
+      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    out = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+    return out["state"], out["meta"]
+
+  def read_meta(self, step: int) -> dict:
+    return self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def close(self) -> None:
+    self.wait()
+    self.manager.close()
+
+
+# ------------------------------------------------------------------ EMA snapshots
+
+_SNAPSHOT = re.compile(r"ema-(\d+)-([0-9.]+)\.npz$")
+
+
+def _leaf_name(path) -> str:
+  parts = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+  return "/".join(parts)
+
+
+def _flat(tree) -> dict:
+  return {_leaf_name(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def save_ema_snapshots(directory: str, ema_by_std: dict, nimg: int) -> None:
+  """Writes one npz per EMA width (all processes gather; process 0 writes)."""
+  host = {std: multihost_utils.process_allgather(tree, tiled=True) for std, tree in ema_by_std.items()}
+  if jax.process_index() != 0:
+    return
+  for std, tree in host.items():
+    path = os.path.join(directory, f"ema-{int(nimg):012d}-{float(std):.4f}.npz")
+    with io_utils.atomic_path(path) as tmp:
+      with open(tmp, "wb") as f:
+        np.savez(f, **_flat(tree))
+
+
+def list_ema_snapshots(directory: str) -> list[tuple[int, float, str]]:
+  """(nimg, std, path) of every snapshot, oldest first."""
+  out = []
+  for path in glob.glob(os.path.join(directory, "ema-*.npz")):
+    m = _SNAPSHOT.search(os.path.basename(path))
+    if m:
+      out.append((int(m.group(1)), float(m.group(2)), path))
+  return sorted(out)
+
+
+def load_ema_snapshot(path: str, like):
+  """The params tree of a snapshot, in the structure of `like`."""
+  with np.load(path) as z:
+    flat = dict(z)
+  paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+  names = [_leaf_name(p) for p, _ in paths]
+  missing = [n for n in names if n not in flat]
+  if missing:
+    raise UserError(f"EMA snapshot {path} does not match this model ({len(missing)} missing "
+                    f"leaves, e.g. {missing[0]}); it was written by another config")
+  leaves = [flat[n] for n in names]
+  return jax.tree.unflatten(treedef, leaves)
