@@ -63,19 +63,24 @@ def main(argv):
     batch = int(config.train.batch_size)
     source = dataset.load_split(workdir, "train")
     arrays = dataset.load_arrays(workdir, "train", ("image", "labels", "feature", "index"))
-    it = iter(pipeline.make_loader(source, global_batch_size=batch, seed=0))
-    next(it)  # start-up (thread pool, file handles) is not throughput
-    _, t_loader = _timed(lambda: [next(it) for _ in range(args.batches)])
+    import grain
+    loader_bps = {}
+    for name, options in (("grain default", None), ("num_threads=0", grain.ReadOptions(num_threads=0))):
+      it = iter(pipeline.make_loader(source, global_batch_size=batch, seed=0, read_options=options))
+      next(it)  # start-up (thread pool, file handles) is not throughput
+      _, t_loader = _timed(lambda: [next(it) for _ in range(args.batches)])
+      loader_bps[name] = args.batches / t_loader
     rng = np.random.default_rng(0)
     def gather():
       for _ in range(args.batches):
         rows = rng.choice(len(source), batch, replace=False)
         {k: v[rows] for k, v in arrays.items()}
     _, t_gather = _timed(gather)
-    loader_bps, gather_bps = args.batches / t_loader, args.batches / t_gather
-    print(f"[data] loader            {loader_bps:9.1f} batches/s of {batch} "
-          f"({loader_bps * batch:.0f} records/s)")
-    print(f"[data] in-memory gather  {gather_bps:9.1f} batches/s; loader = {loader_bps / gather_bps:.3f}x")
+    gather_bps = args.batches / t_gather
+    print(f"[data] in-memory gather  {gather_bps:9.1f} batches/s of {batch} (reference)")
+    for name, bps in loader_bps.items():
+      print(f"[data] loader ({name:13s}) {bps:7.1f} batches/s ({bps * batch:.0f} records/s) "
+            f"= {bps / gather_bps:.4f}x the in-memory gather")
   finally:
     if not args.workdir:
       shutil.rmtree(workdir, ignore_errors=True)
