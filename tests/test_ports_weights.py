@@ -12,40 +12,29 @@ from safetensors.numpy import save_file
 from conftest import load_config
 from pso_jax.errors import UserError
 from pso_jax.models import sd_vae, torchvision_nets, weights
-from pso_jax.tools import convert
+from pso_jax.tools import convert, random_weights
 
-TINY_VAE = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
-            "block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 4,
+TINY_VAE = {"_class_name": "AutoencoderKL", "block_out_channels": [8, 16], "latent_channels": 4,
             "norm_num_groups": 4, "down_block_types": ["DownEncoderBlock2D"] * 2,
-            "up_block_types": ["UpDecoderBlock2D"] * 2, "act_fn": "silu", "sample_size": 16}
+            "up_block_types": ["UpDecoderBlock2D"] * 2}
 
 
-def random_state_dict(template, seed: int) -> dict[str, np.ndarray]:
-  """A PyTorch-layout state dict with random values for a Flax variable template."""
-  rng = np.random.default_rng(seed)
-  flat = {k: rng.standard_normal(v.shape).astype(np.float32) * 0.2
-          for k, v in weights.flatten(template).items()}
-  return weights.flax_to_torch(weights.unflatten(flat))
-
-
-def write_vae_folder(folder, config=TINY_VAE, seed=0, rename=None) -> dict:
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(config, f)
-  model = sd_vae.AutoencoderKL(sd_vae.VAEConfig.from_diffusers(config))
-  state = random_state_dict(sd_vae.abstract_variables(model), seed)
+def write_vae_folder(folder, seed=0, rename=None, latent_channels=4) -> dict:
+  """A 2-block random VAE (16 px -> 8x8x4) in diffusers format; `rename` edits its state dict."""
+  state = random_weights.write_vae_folder(folder, (8, 16), 4, latent_channels, seed=seed)
   if rename:
     state = rename(state)
-  save_file(state, os.path.join(folder, sd_vae.WEIGHTS_FILE))
+    save_file(state, os.path.join(folder, sd_vae.WEIGHTS_FILE))
   return state
+
+
+def random_state_dict(arch, num_classes, seed):
+  template = torchvision_nets.abstract_variables(torchvision_nets.ARCHS[arch](num_classes=num_classes))
+  return random_weights.random_state_dict(template, seed)
 
 
 def resnet_state(seed=0, num_classes=0):
-  template = torchvision_nets.abstract_variables(torchvision_nets.ResNet50(num_classes=num_classes))
-  state = random_state_dict(template, seed)
-  for k in [k for k in state if k.endswith("running_var")]:
-    state[k] = np.abs(state[k]) + 0.5
-  return state
+  return random_state_dict("resnet50", num_classes, seed)
 
 
 def test_torch_names_and_layouts_map_exactly(tmp_path):
@@ -77,8 +66,7 @@ def test_torch_names_and_layouts_map_exactly(tmp_path):
 def test_old_densenet_names_and_chexnet_wrapper(tmp_path):
   """Old torchvision files (`denselayer1.norm.1.weight`) and CheXNet's `module.densenet121.` +
   `classifier.0` load to the same variables as the current names."""
-  template = torchvision_nets.abstract_variables(torchvision_nets.DenseNet121(num_classes=8))
-  state = random_state_dict(template, 1)
+  state = random_state_dict("densenet121", 8, 1)
   save_file(state, str(tmp_path / "new.safetensors"))
   old = {}
   for k, a in state.items():
@@ -119,7 +107,7 @@ def test_bad_weight_files_name_the_problem(tmp_path):
   typed = dict(good, **{"bn1.weight": np.ones(64, np.int32)})
   assert "bn1.weight" in _bad(write(typed)) and "dtype int32" in _bad(path)
   # the DenseNet-121 file given as ResNet-50
-  dense = random_state_dict(torchvision_nets.abstract_variables(torchvision_nets.DenseNet121(0)), 2)
+  dense = random_state_dict("densenet121", 0, 2)
   assert "does not hold resnet50 weights" in _bad(write(dense))
   # truncated download
   save_file(good, path)
@@ -163,7 +151,7 @@ def test_vae_bad_inputs(tmp_path):
   config = load_config("")
   config.data.image_size = 16
   images = np.zeros((2, 16, 16, 3), np.uint8)
-  write_vae_folder(str(tmp_path / "eight"), dict(TINY_VAE, latent_channels=8))
+  write_vae_folder(str(tmp_path / "eight"), latent_channels=8)
   for folder, cfg in [("vq", dict(TINY_VAE, _class_name="VQModel")),
                       ("up", dict(TINY_VAE, up_block_types=["AttnUpDecoderBlock2D"] * 2))]:
     os.makedirs(tmp_path / folder)
