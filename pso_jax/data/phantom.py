@@ -14,6 +14,8 @@ import dataclasses
 
 import numpy as np
 
+from pso_jax.errors import UserError
+
 NUM_FINDINGS = 8
 _BIO_WAVES = 8  # sinusoids in the biometric texture
 
@@ -38,8 +40,6 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
 def _draw_labels(rng: np.random.Generator, prevalence, multi_label_rate: float) -> np.ndarray:
   """One primary finding (or No Finding), and sometimes a second, distinct finding."""
   p = np.asarray(prevalence, np.float64)[1:]
-  if p.sum() >= 1:
-    raise ValueError(f"phantom.prevalence sums to {p.sum():.2f} over the 7 findings; keep it below 1")
   labels = np.zeros(NUM_FINDINGS, np.float32)
   first = rng.choice(NUM_FINDINGS, p=np.concatenate([[1 - p.sum()], p]))
   labels[first] = 1
@@ -53,6 +53,10 @@ def _draw_labels(rng: np.random.Generator, prevalence, multi_label_rate: float) 
 def index(phantom_config) -> PhantomIndex:
   """The scans of the phantom dataset, their labels and reference-style paths."""
   c = phantom_config
+  p = np.asarray(c.prevalence, np.float64)
+  if len(p) != NUM_FINDINGS or p.min() < 0 or p[1:].sum() >= 1:
+    raise UserError(f"config.data.phantom.prevalence={tuple(c.prevalence)} must hold 8 values >= 0 "
+                    "(No Finding first, implied) whose 7 findings sum below 1")
   n_pat, n_scan = int(c.num_patients), int(c.scans_per_patient)
   patient = np.repeat(np.arange(n_pat), n_scan)
   scan = np.tile(np.arange(n_scan), n_pat)

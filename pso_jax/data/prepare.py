@@ -9,7 +9,8 @@
 Every check that can fail (config, filelist lines, missing files, features file) runs before any
 file is written. The expensive part (decoding, encoding) runs in chunks of
 config.data.prepare_chunk records cached under workdir/.data.partial/, so an interrupted prepare
-resumes where it stopped; the dataset is assembled in a staging folder there and renamed to
+resumes where it stopped (cached chunks are keyed by config.data and the split filelists, not by
+file contents: delete workdir/.data.partial after replacing images); the dataset is assembled in a staging folder there and renamed to
 workdir/data in one step, so a later stage never sees half a dataset.
 """
 
