@@ -54,6 +54,20 @@ def test_batches_static_and_resume_exactly(workdir):
   assert np.array_equal(plain["index"], np.arange(16))
 
 
+def test_in_memory_source_matches_file_source(workdir):
+  files, memory = dataset.load_split(workdir, "val"), dataset.load_split(workdir, "val", in_memory=True)
+  assert len(files) == len(memory)
+  for i in (0, len(files) - 1):
+    a, b = files[i], memory[i]
+    assert set(a) == set(b) and isinstance(b["path"], str)
+    for key in a:
+      assert np.array_equal(a[key], b[key]), key
+  batch = lambda s: next(iter(pipeline.make_loader(s, global_batch_size=4, seed=9)))
+  x, y = batch(files), batch(memory)
+  for key in x:
+    assert np.array_equal(x[key], y[key]), key
+
+
 def test_finite_epochs_and_too_large_batch(workdir):
   source = dataset.load_split(workdir, "val")
   batches = list(pipeline.make_loader(source, global_batch_size=4, seed=0, num_epochs=1))

@@ -65,8 +65,12 @@ def main(argv):
     arrays = dataset.load_arrays(workdir, "train", ("image", "labels", "feature", "index"))
     import grain
     loader_bps = {}
-    for name, options in (("grain default", None), ("num_threads=0", grain.ReadOptions(num_threads=0))):
-      it = iter(pipeline.make_loader(source, global_batch_size=batch, seed=0, read_options=options))
+    memory = dataset.load_split(workdir, "train", in_memory=True)
+    variants = (("files, grain default", source, None),
+                ("files, num_threads=0", source, grain.ReadOptions(num_threads=0)),
+                ("in memory, threads=0", memory, grain.ReadOptions(num_threads=0)))
+    for name, src, options in variants:
+      it = iter(pipeline.make_loader(src, global_batch_size=batch, seed=0, read_options=options))
       next(it)  # start-up (thread pool, file handles) is not throughput
       _, t_loader = _timed(lambda: [next(it) for _ in range(args.batches)])
       loader_bps[name] = args.batches / t_loader
@@ -79,7 +83,7 @@ def main(argv):
     gather_bps = args.batches / t_gather
     print(f"[data] in-memory gather  {gather_bps:9.1f} batches/s of {batch} (reference)")
     for name, bps in loader_bps.items():
-      print(f"[data] loader ({name:13s}) {bps:7.1f} batches/s ({bps * batch:.0f} records/s) "
+      print(f"[data] loader ({name:21s}) {bps:7.1f} batches/s ({bps * batch:.0f} records/s) "
             f"= {bps / gather_bps:.4f}x the in-memory gather")
   finally:
     if not args.workdir:

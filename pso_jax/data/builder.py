@@ -97,3 +97,7 @@ def record_shapes(data_dir: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """(shape, dtype) of each non-text record key, from the stored feature spec."""
   feats = tfds.builder_from_directory(builder_dir(data_dir)).info.features
   return {k: (tuple(f.shape), np.dtype(f.np_dtype)) for k, f in feats.items() if k not in TEXT_KEYS}
+
+
+def record_keys(data_dir: str) -> tuple[str, ...]:
+  return tuple(tfds.builder_from_directory(builder_dir(data_dir)).info.features.keys())

@@ -55,8 +55,28 @@ class SplitSource:
     return f"SplitSource({self.workdir!r}, {self.split!r}, n={len(self)})"
 
 
-def load_split(workdir: str, split: str) -> SplitSource:
-  return SplitSource(workdir, split)
+class InMemorySource:
+  """The same records as SplitSource, served from arrays held in memory (small data: grain then
+  spends its time batching, not decoding records)."""
+
+  def __init__(self, workdir: str, split: str):
+    keys = builder.record_keys(_check(workdir, split))
+    self.workdir, self.split = workdir, split
+    self.arrays = load_arrays(workdir, split, keys)
+
+  def __len__(self) -> int:
+    return len(self.arrays["index"])
+
+  def __getitem__(self, i: int) -> dict:
+    return {k: (str(v[i]) if k in builder.TEXT_KEYS else v[i]) for k, v in self.arrays.items()}
+
+  def __repr__(self):
+    return f"InMemorySource({self.workdir!r}, {self.split!r}, n={len(self)})"
+
+
+def load_split(workdir: str, split: str, *, in_memory: bool = False):
+  """Random-access source over a prepared split (len, [i] -> dict of numpy / str)."""
+  return InMemorySource(workdir, split) if in_memory else SplitSource(workdir, split)
 
 
 def load_arrays(workdir: str, split: str, keys=("image", "labels", "patient_id"),
