@@ -191,7 +191,7 @@ def _recipe():
   a.canary_contrast = 1.15         # near copies: contrast gain about the image mean
   a.holdout_split = "test"         # patient-disjoint real images: control predicates + weights
   a.ring = False                   # rotate sharded references (ppermute) instead of replicating
-  a.count_k = 32                   # candidates per query for patient counting (more: exact pass)
+  a.count_k = 16                   # candidates per query for patient counting (more: exact pass)
   a.train_queries = 2000           # train images drawn for the train->train histogram
   a.gallery = 8                    # most similar pairs shown side by side
 
