@@ -62,8 +62,7 @@ def _check_config(config) -> None:
   if len(d.findings) != filelists.NUM_LABELS:
     raise UserError(f"config.data.findings must name {filelists.NUM_LABELS} findings")
   features.check_kind(config)
-  if latents.check_kind(config) != "identity":
-    latents.model_shape(config)  # a missing VAE folder or a bad image size fails now
+  latents.check_kind(config)
 
 
 def make_plan(config) -> Plan:
@@ -91,6 +90,8 @@ def make_plan(config) -> Plan:
   plan = Plan(table, rows, dropped, load)
   if d.features.kind == "file":
     plan.file_features = features.load_file(config, table.paths, rows)
+  if d.latent.kind != "identity":
+    latents.model_shape(config)  # a missing VAE folder or a bad image size fails now
   return plan
 
 
