@@ -104,7 +104,7 @@ def train_reid(config, splits: dict, out_dir: str, key=None) -> dict:
                          section.scans_per_patient, config.seed)
   steps = int(section.steps)
   fitted = supervised.fit(
-      model=cnn.build_cnn(spec), variables=cnn.init_cnn(spec, k_init),
+      model=cnn.build_cnn(spec), variables=cnn.init_cnn(spec, k_init, section.weights),
       optimizer=supervised.make_optimizer(section.lr, section.weight_decay, steps, "cosine"),
       inputs_fn=make_inputs_fn(section, spec),
       loss_fn=lambda z, batch: reid.supcon_loss(z, batch["label"], section.temperature),
@@ -144,8 +144,12 @@ def run(config, workdir: str, **_) -> dict:
   if config.reid.tau_mode not in reid.TAU_MODES:
     raise UserError(f"config.reid.tau_mode must be one of {reid.TAU_MODES}, "
                     f"got {config.reid.tau_mode!r}")
-  result = train_reid(config, load_splits(workdir), out_dir)
+  return train_and_write(config, load_splits(workdir), out_dir)
+
+
+def train_and_write(config, splits: dict, out_dir: str) -> dict:
+  result = train_reid(config, splits, out_dir)
   if jax.process_index() == 0:
     io_utils.write_json(os.path.join(out_dir, reid.RESULT_FILE), result)
-    io_utils.write_text(done, "ok\n")
+    io_utils.write_text(os.path.join(out_dir, "COMPLETE"), "ok\n")
   return result

@@ -147,10 +147,17 @@ def build_cnn(spec: CnnSpec) -> nn.Module:
   return PortedNet(spec.arch, spec.out_dim, spec.head)
 
 
-def init_cnn(spec: CnnSpec, key) -> dict:
+def init_cnn(spec: CnnSpec, key, weights: str = "") -> dict:
+  """Fresh variables; for the ported nets, `weights` (torchvision-format file) sets the backbone."""
   model = build_cnn(spec)
   x = jnp.zeros((1, spec.image_size, spec.image_size, spec.input_channels), jnp.float32)
-  return dict(model.init(key, x, train=False))
+  variables = dict(model.init(key, x, train=False))
+  if weights and spec.arch != "small_resnet":
+    from pso_jax.models import torchvision_nets
+    _, backbone = torchvision_nets.load(spec.arch, weights, num_classes=0)
+    for collection, tree in backbone.items():
+      variables[collection] = {**variables[collection], "backbone": tree}
+  return variables
 
 
 def to_unit_float(images) -> jax.Array:
