@@ -65,7 +65,7 @@ def check_embeddings(name: str, x, dim: Optional[int] = None) -> np.ndarray:
   if dim is not None and x.shape[1] != dim:
     raise UserError(f"{name} has dimension {x.shape[1]} but the other set has {dim}: both must "
                     "come from the same embedder")
-  x = x.astype(np.float32)
+  x = np.asarray(x, np.float32)
   bad = ~np.isfinite(x).all(axis=1)
   if bad.any():
     raise UserError(f"{name} has {int(bad.sum())} rows with NaN/Inf (first: row "
@@ -199,7 +199,8 @@ def _run_engine(mesh, ring, reducer_key, queries, refs, aux, qb, dtype):
   spec = P(axes) if ring else P()
   fn = _engine(mesh, ring, reducer_key, qb, dtype)
   with jax.set_mesh(mesh):
-    out = fn(_put(qpad.astype(host_dtype), mesh, P(axes)), _put(refs.astype(host_dtype), mesh, spec),
+    out = fn(_put(qpad.astype(host_dtype, copy=False), mesh, P(axes)),
+           _put(refs.astype(host_dtype, copy=False), mesh, spec),
              jax.tree.map(lambda a: _put(a, mesh, spec), aux))
   return jax.tree.map(lambda a: a[:n], _fetch(out))
 
@@ -217,15 +218,16 @@ def _fit_block(block: int, n: int, multiple: int = _CHUNK) -> int:
 
 # ----------------------------------------------------------------------------- host side
 
-def _rescore(queries, refs, idx) -> np.ndarray:
-  """Canonical float64 similarities of the candidate pairs; -inf where idx < 0."""
-  out = np.full(idx.shape, -np.inf)
-  for a in range(0, len(idx), _HOST_BATCH):
-    i = idx[a:a + _HOST_BATCH]
-    r = refs[np.maximum(i, 0)].astype(np.float64)
-    s = np.einsum("nd,nkd->nk", queries[a:a + _HOST_BATCH].astype(np.float64), r)
-    out[a:a + _HOST_BATCH] = np.where(i >= 0, s, -np.inf)
-  return out
+def _rescore(queries, refs, approx, idx, cut) -> np.ndarray:
+  """Canonical float64 similarities of the candidates with approx >= cut [N] (the only ones that
+  can be in the top k or reach tau); the others keep their approximate value, below the cut."""
+  exact = np.where(idx >= 0, approx, -np.inf).astype(np.float64)
+  rows, cols = np.nonzero((approx >= cut[:, None]) & (idx >= 0))
+  for a in range(0, len(rows), 16 * _HOST_BATCH):
+    r, c = rows[a:a + 16 * _HOST_BATCH], cols[a:a + 16 * _HOST_BATCH]
+    # float32 products are exact in float64; the sum is float64
+    exact[r, c] = np.einsum("pd,pd->p", queries[r], refs[idx[r, c]], dtype=np.float64)
+  return exact
 
 
 def _sort_desc(sims, idx):
@@ -273,7 +275,7 @@ class _Options:
 
 
 def _candidates(queries, refs, kk, opts: _Options):
-  """Approximate top-kk (device), ordered by canonical similarity (host re-score)."""
+  """Approximate top-kk per query from the device search: (approx [N,kk] descending, idx)."""
   mesh = opts.mesh
   rb = _fit_block(opts.ref_block, len(refs))
   qb = _fit_block(opts.query_block, -(-len(queries) // mesh.size), multiple=8)
@@ -282,23 +284,23 @@ def _candidates(queries, refs, kk, opts: _Options):
   rpad[:len(refs)] = refs
   ids = np.full(nb * rb, -1, np.int32)
   ids[:len(refs)] = np.arange(len(refs), dtype=np.int32)
-  approx, idx = _run_engine(mesh, opts.ring, ("topk", kk), queries, rpad.reshape(nb, rb, -1),
-                            ids.reshape(nb, rb), qb, opts.dtype)
-  exact, idx = _sort_desc(_rescore(queries, refs, idx), idx)
-  return approx, exact, idx
+  return _run_engine(mesh, opts.ring, ("topk", kk), queries, rpad.reshape(nb, rb, -1),
+                     ids.reshape(nb, rb), qb, opts.dtype)
 
 
-def _certified_topk(queries, refs, k, kk, opts: _Options, stats: dict):
-  """Exact top-kk candidates (kk >= k) per query, the top k of them certified complete.
+def _certified_topk(queries, refs, k, kk, opts: _Options, stats: dict, tau=None):
+  """Top-kk candidates (kk >= k) per query, the top k of them certified complete and exact.
 
-  Returns (approx [N,kk] descending, exact [N,kk], idx [N,kk], eps [N]). A query whose candidates
-  cannot be certified is searched again in fp32, then by float64 brute force.
+  Returns (approx [N,kk] descending, exact [N,kk] descending, idx [N,kk] in exact order, eps [N]).
+  `exact` is canonical for every candidate within 2 eps of the k-th and (given tau) for every one
+  at >= tau - eps. A query whose candidates cannot be certified is searched again in fp32, then
+  by float64 brute force.
   """
   n, d = queries.shape
   kk = min(kk, len(refs))
   rmax = float(np.linalg.norm(refs, axis=1).max())
   qnorm = np.linalg.norm(queries, axis=1).astype(np.float64)
-  approx, exact, idx = _candidates(queries, refs, kk, opts)
+  approx, idx = _candidates(queries, refs, kk, opts)
   eps = _eps_coeff(opts.dtype, d) * qnorm * rmax
   stats.update(n=n, m=len(refs), d=d, dtype=opts.dtype, candidates=kk)
 
@@ -311,14 +313,19 @@ def _certified_topk(queries, refs, k, kk, opts: _Options, stats: dict):
   stats["refined_fp32"] = int(len(todo)) if opts.dtype != "float32" else 0
   if len(todo) and opts.dtype != "float32":
     sub = dataclasses.replace(opts, dtype="float32")
-    a2, e2, i2 = _candidates(queries[todo], refs, kk, sub)
+    a2, i2 = _candidates(queries[todo], refs, kk, sub)
     eps2 = _eps_coeff("float32", d) * qnorm[todo] * rmax
-    approx[todo], exact[todo], idx[todo], eps[todo] = a2, e2, i2, eps2
+    approx[todo], idx[todo], eps[todo] = a2, i2, eps2
     todo = todo[uncertified(a2, eps2)]
   stats["refined_float64"] = int(len(todo))
   if len(todo):
-    exact[todo], idx[todo] = _host_topk(queries[todo], refs, kk)
-    approx[todo], eps[todo] = exact[todo], 0.0
+    approx[todo], idx[todo] = _host_topk(queries[todo], refs, kk)
+    eps[todo] = 2.0 ** -22 * qnorm[todo] * rmax  # exact values, rounded to float32 in approx
+  cut = approx[:, min(k, kk) - 1] - 2 * eps
+  if tau is not None:
+    cut = np.minimum(cut, tau - eps)
+  exact, idx = _sort_desc(_rescore(queries, refs, approx, idx, cut), idx)
+  stats["rescored"] = int(np.sum(approx >= cut[:, None]))
   return approx, exact, idx, eps
 
 
@@ -428,7 +435,7 @@ def _distinct_in_order(patients: np.ndarray, hit: np.ndarray):
 
 def patient_search(queries, refs, ref_patients, tau: float, k: int, *, query_block: int = 1024,
                    ref_block: int = 16384, dtype: str = "float32", mesh=None, ring: bool = False,
-                   count_k: int = 32, margin: Optional[int] = None) -> PatientSearch:
+                   count_k: int = 16, margin: Optional[int] = None) -> PatientSearch:
   """Top-k references per query plus the distinct training patients matched at sim >= tau.
 
   ref_patients: int [M] patient id of each reference (any non-negative ints).
@@ -447,7 +454,7 @@ def patient_search(queries, refs, ref_patients, tau: float, k: int, *, query_blo
     raise UserError(f"tau={tau} is not a finite similarity threshold")
   stats = {}
   kk = max(k + (_margin(k, dtype) if margin is None else margin), count_k)
-  approx, exact, idx, eps = _certified_topk(queries, refs, k, kk, opts, stats)
+  approx, exact, idx, eps = _certified_topk(queries, refs, k, kk, opts, stats, tau=tau)
   kk = idx.shape[1]
   hit = exact >= tau
   count, matched = _distinct_in_order(np.where(idx >= 0, ref_patients[np.maximum(idx, 0)], -1), hit)

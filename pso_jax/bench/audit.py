@@ -1,0 +1,161 @@
+"""All-pairs audit kernel: throughput against faiss and the matmul rate, and peak memory.
+
+  python -m pso_jax.bench audit                       # moderate sizes (a minute or two on 2 cores)
+  python -m pso_jax.bench audit --n=20000 --m=100000 --memory=20000x100000,100000x1000000
+
+Same data, same run: faiss-cpu IndexFlatIP exact top-k, `knn` (exact top-k), `patient_search`
+(top-k + distinct patients at sim >= tau), and a jitted square matmul as the machine's rate.
+GFLOP/s count the all-pairs GEMM, 2 N M d. The memory part runs each N x M in a fresh process and
+reports its peak RSS next to the input size and to the N x M matrix it never builds.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def _data(n, m, d, per_patient, seed=0):
+  """Unit-norm embeddings with patient structure: a patient's images share a centre."""
+  rng = np.random.default_rng(seed)
+  n_pat = max(1, m // per_patient)
+  centres = rng.standard_normal((n_pat, d), dtype=np.float32)
+  patients = rng.integers(0, n_pat, m)
+  refs = centres[patients] + 1.5 * rng.standard_normal((m, d), dtype=np.float32)
+  queries = centres[rng.integers(0, n_pat, n)] + 1.5 * rng.standard_normal((n, d), dtype=np.float32)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  return unit(queries), unit(refs), patients.astype(np.int32)
+
+
+def _best_time(fn, repeats):
+  best = float("inf")
+  out = None
+  for _ in range(repeats):
+    t = time.perf_counter()
+    out = fn()
+    best = min(best, time.perf_counter() - t)
+  return best, out
+
+
+def _peak_rss_mb() -> float:
+  """This process's peak resident memory (VmHWM: unlike ru_maxrss it is not inherited over exec)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_child(n, m, d, args) -> dict:
+  """One size in this (fresh) process: peak RSS of a patient_search."""
+  from pso_jax.audit import pairwise
+  base = _peak_rss_mb()
+  q, r, p = _data(n, m, d, args.per_patient)
+  inputs = _peak_rss_mb()
+  t = time.perf_counter()
+  pairwise.patient_search(q, r, p, args.tau, args.k, query_block=args.query_block,
+                          ref_block=args.ref_block, dtype=args.dtype)
+  seconds = time.perf_counter() - t
+  return {"n": n, "m": m, "d": d, "seconds": seconds, "gflops": 2.0 * n * m * d / seconds / 1e9,
+          "rss_start_mb": base, "rss_with_inputs_mb": inputs, "peak_rss_mb": _peak_rss_mb(),
+          "input_mb": (n + m) * d * 4 / 2 ** 20, "full_matrix_mb": n * m * 4 / 2 ** 20}
+
+
+def _throughput(args):
+  import faiss
+  import jax
+  from pso_jax.audit import pairwise
+  from pso_jax.bench.matmul import matmul_gflops
+  n, m, d, k = args.n, args.m, args.d, args.k
+  q, r, patients = _data(n, m, d, args.per_patient)
+  gflop = 2.0 * n * m * d / 1e9
+  print(f"audit bench: N={n} M={m} d={d} k={k} dtype={args.dtype} blocks={args.query_block}x"
+        f"{args.ref_block} devices={jax.device_count()} ({jax.devices()[0].platform})", flush=True)
+  rate = matmul_gflops(2048)
+  index = faiss.IndexFlatIP(d)
+  index.add(r)
+  t_faiss, (f_sims, f_idx) = _best_time(lambda: index.search(q, k), args.repeats)
+  opts = dict(query_block=args.query_block, ref_block=args.ref_block, dtype=args.dtype)
+  pairwise.knn(q, r, k, **opts)  # compile
+  stats = {}
+  t_knn, (sims, idx) = _best_time(lambda: pairwise.knn(q, r, k, stats=stats, **opts), args.repeats)
+  pairwise.patient_search(q, r, patients, args.tau, k, **opts)
+  t_ps, res = _best_time(lambda: pairwise.patient_search(q, r, patients, args.tau, k, **opts),
+                         args.repeats)
+  agree = float(np.mean(np.sort(idx, 1) == np.sort(f_idx, 1)))
+  rows = {"matmul (2048^3, jitted)": rate, "faiss IndexFlatIP top-k": gflop / t_faiss,
+          "pso_jax knn (exact top-k)": gflop / t_knn,
+          "pso_jax patient_search (top-k + counting)": gflop / t_ps}
+  for name, g in rows.items():
+    print(f"  {name:44s} {g:8.1f} GFLOP/s")
+  matched = res.n_patients_matched
+  summary = {
+      "matmul_gflops": rate, "faiss_gflops": gflop / t_faiss, "knn_gflops": gflop / t_knn,
+      "patient_search_gflops": gflop / t_ps,
+      "knn_vs_faiss": t_faiss / t_knn, "knn_vs_matmul": gflop / t_knn / rate,
+      "counting_overhead": t_ps / t_knn - 1, "topk_agreement_with_faiss": agree,
+      "max_abs_sim_diff_vs_faiss": float(np.abs(sims - f_sims).max()),
+      "kernel_stats": stats, "patient_search_stats": res.stats,
+      "mean_patients_matched": float(matched.mean()), "isolating_share": float((matched == 1).mean()),
+  }
+  print(f"  ratios: knn/faiss {summary['knn_vs_faiss']:.2f} (target >= 1.0), knn/matmul "
+        f"{summary['knn_vs_matmul']:.2f} (target >= 0.8), counting overhead "
+        f"{100 * summary['counting_overhead']:+.1f}% (target <= 15%), top-k agreement with faiss "
+        f"{agree:.4f}", flush=True)
+  return summary
+
+
+def _memory(args):
+  sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.memory.split(",") if s]
+  out = []
+  print("  memory (fresh process per size):")
+  for n, m in sizes:
+    cmd = [sys.executable, "-m", "pso_jax.bench", "audit", "--child", f"{n}x{m}",
+           *[f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "memory")]]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+      print(r.stderr[-2000:])
+      raise SystemExit(f"memory run {n}x{m} failed")
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    out.append(row)
+    print(f"    N x M = {n} x {m}: peak RSS {row['peak_rss_mb']:.0f} MiB (inputs "
+          f"{row['input_mb']:.0f} MiB, N x M fp32 would be {row['full_matrix_mb']:.0f} MiB), "
+          f"{row['gflops']:.1f} GFLOP/s", flush=True)
+  return out
+
+
+def parse(argv):
+  p = argparse.ArgumentParser(prog="python -m pso_jax.bench audit")
+  p.add_argument("--n", type=int, default=4096, help="queries")
+  p.add_argument("--m", type=int, default=65536, help="references")
+  p.add_argument("--d", type=int, default=512)
+  p.add_argument("--k", type=int, default=10)
+  p.add_argument("--tau", type=float, default=0.5, help="patient-count threshold")
+  p.add_argument("--per_patient", type=int, default=4, help="reference images per patient")
+  p.add_argument("--query_block", type=int, default=256)
+  p.add_argument("--ref_block", type=int, default=2048)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--memory", default="1000x20000,4000x200000",
+                 help="comma-separated NxM sizes for the peak-memory runs ('' to skip)")
+  p.add_argument("--child", default="", help=argparse.SUPPRESS)
+  return p.parse_args(argv[1:])
+
+
+def main(argv):
+  args = parse(argv)
+  if args.child:
+    n, m = (int(v) for v in args.child.split("x"))
+    print(json.dumps(memory_child(n, m, args.d, args)))
+    return
+  result = {"throughput": _throughput(args)}
+  if args.memory:
+    result["memory"] = _memory(args)
+  print(json.dumps(result, default=float))
