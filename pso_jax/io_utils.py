@@ -18,6 +18,7 @@ def atomic_path(path: str) -> Iterator[str]:
   os.close(fd)
   try:
     yield tmp
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs should read like ordinary files
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
