@@ -151,7 +151,7 @@ def init_cnn(spec: CnnSpec, key, weights: str = "") -> dict:
   """Fresh variables; for the ported nets, `weights` (torchvision-format file) sets the backbone."""
   model = build_cnn(spec)
   x = jnp.zeros((1, spec.image_size, spec.image_size, spec.input_channels), jnp.float32)
-  variables = dict(model.init(key, x, train=False))
+  variables = dict(jax.jit(lambda k: model.init(k, x, train=False))(key))
   if weights and spec.arch != "small_resnet":
     from pso_jax.models import torchvision_nets
     _, backbone = torchvision_nets.load(spec.arch, weights, num_classes=0)

@@ -103,7 +103,7 @@ def make_train_step(model, optimizer, inputs_fn: Callable, loss_fn: Callable, me
     deltas, opt_state = optimizer.update(grads, state.opt_state, state.params)
     state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, deltas),
                           model_state={**state.model_state, **updates}, opt_state=opt_state)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
     return state, metrics
 
   return jax.jit(train_step, in_shardings=(replicated, batch_sharded, replicated),

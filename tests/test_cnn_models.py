@@ -1,0 +1,104 @@
+"""SmallResNet heads, augmentation properties, the sharded trainer against a 1-device run, orbax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pso_jax.models import cnn
+from pso_jax.training import augment, supervised
+
+
+def _mesh(n):
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  return jax.make_mesh((n, 1), ("data", "fsdp"), axis_types=auto, devices=jax.devices()[:n])
+
+
+def _spec(head="embed", norm="batch", out_dim=6):
+  return cnn.CnnSpec("small_resnet", head, out_dim, image_size=8, channels=1, width=4,
+                     blocks=(1, 1), norm=norm)
+
+
+def test_heads():
+  x = jax.random.normal(jax.random.key(0), (5, 8, 8, 1))
+  for head, out_dim, norm in (("embed", 6, "batch"), ("logits", 8, "group")):
+    spec = _spec(head, norm, out_dim)
+    variables = cnn.init_cnn(spec, jax.random.key(1))
+    y = jax.jit(lambda v, x: cnn.build_cnn(spec).apply(v, x, train=False))(variables, x)
+    assert y.shape == (5, out_dim) and y.dtype == jnp.float32
+    if head == "embed":
+      np.testing.assert_allclose(np.linalg.norm(np.asarray(y), axis=1), 1.0, rtol=1e-5)
+
+
+def test_preprocess_grey_and_rgb():
+  images = np.full((2, 4, 4, 1), 255, np.uint8)
+  np.testing.assert_allclose(cnn.preprocess(images, _spec()), (1.0 - 0.5) / 0.25)
+  rgb = cnn.CnnSpec("resnet50", "embed", 4, image_size=8, channels=1)
+  x = np.asarray(cnn.preprocess(images, rgb))  # grey replicated, resized, ImageNet statistics
+  assert x.shape == (2, 8, 8, 3)
+  np.testing.assert_allclose(x[0, 3, 3], (1 - np.array(cnn.IMAGENET_MEAN)) / cnn.IMAGENET_STD,
+                             rtol=1e-5)
+
+
+def test_augmentation_properties():
+  x = jax.random.uniform(jax.random.key(0), (3, 8, 8, 2))
+  crop = jax.jit(augment.random_resized_crop, static_argnums=(2, 3, 4))
+  same = crop(x, jax.random.key(1), 8, (1.0, 1.0), (1.0, 1.0))
+  np.testing.assert_allclose(same, x, atol=1e-5)  # the full-image crop at the same size
+  crops = crop(x, jax.random.key(1), 6, (0.3, 0.6), (0.75, 4 / 3))
+  assert crops.shape == (3, 6, 6, 2) and float(crops.min()) >= 0 and float(crops.max()) <= 1
+  flipped = jax.jit(augment.random_flip)(x, jax.random.key(2))
+  for i in range(3):  # each image is itself or its mirror
+    assert (np.allclose(flipped[i], x[i]) or np.allclose(flipped[i], x[i, :, ::-1]))
+  ten = augment.ten_crop(x, 6)
+  assert ten.shape == (10, 3, 6, 6, 2)
+  np.testing.assert_array_equal(ten[4], x[:, 1:7, 1:7])
+  np.testing.assert_array_equal(ten[9], x[:, 1:7, 1:7][:, :, ::-1])
+  np.testing.assert_array_equal(ten[3], x[:, 2:, 2:])
+
+
+def _fit(mesh, norm):
+  spec = _spec("logits", norm, 3)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (32, 8, 8, 1), np.uint8)
+  labels = (rng.random((32, 3)) < 0.5).astype(np.float32)
+
+  def sampler(step):
+    idx = np.random.default_rng(step).choice(32, 8, replace=False)
+    return {"image": images[idx], "labels": labels[idx]}
+
+  def loss_fn(logits, batch):
+    return jnp.mean((jax.nn.sigmoid(logits) - batch["labels"]) ** 2), {}
+
+  def inputs_fn(x, key):
+    x = augment.random_flip(cnn.to_unit_float(x), key)
+    return cnn.normalise(x, spec)
+
+  return supervised.fit(model=cnn.build_cnn(spec), variables=cnn.init_cnn(spec, jax.random.key(0)),
+                        optimizer=supervised.make_optimizer(1e-2, 1e-4), inputs_fn=inputs_fn,
+                        loss_fn=loss_fn, sampler=sampler, steps=3, key=jax.random.key(1),
+                        mesh=mesh, log_every=1)
+
+
+def test_sharded_fit_equals_one_device():
+  # BatchNorm: the 8-device step must use the statistics of the global batch, like 1 device
+  one, eight = _fit(_mesh(1), "batch"), _fit(_mesh(8), "batch")
+  assert [h["loss"] for h in one.history] == pytest.approx([h["loss"] for h in eight.history],
+                                                           rel=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+               one.variables, eight.variables)
+
+
+def test_orbax_round_trip_and_batched_apply(tmp_path):
+  spec = _spec("embed", "batch")
+  variables = cnn.init_cnn(spec, jax.random.key(3))
+  supervised.save_variables(str(tmp_path / "ckpt"), variables)
+  abstract = jax.eval_shape(lambda: cnn.init_cnn(spec, jax.random.key(0)))
+  restored = supervised.restore_variables(str(tmp_path / "ckpt"), abstract)
+  jax.tree.map(np.testing.assert_array_equal, variables, restored)
+  model = cnn.build_cnn(spec)
+  fn = jax.jit(lambda x: model.apply(restored, cnn.preprocess(x, spec), train=False))
+  images = np.random.default_rng(0).integers(0, 256, (11, 8, 8, 1), np.uint8)
+  np.testing.assert_allclose(supervised.apply_batched(fn, images, 4),
+                             model.apply(variables, cnn.preprocess(images, spec), train=False),
+                             rtol=1e-5, atol=1e-6)
