@@ -193,6 +193,8 @@ def _recipe():
   a.ring = False                   # rotate sharded references (ppermute) instead of replicating
   a.count_k = 16                   # candidates per query for patient counting (more: exact pass)
   a.train_queries = 2000           # train images drawn for the train->train histogram
+  a.chance_match_rate = 0.01       # >0: raise tau so at most this share of training images
+                                   # match another training patient (1-vs-N calibration)
   a.gallery = 8                    # most similar pairs shown side by side
 
   # ---------------------------------------------------------------- evaluation

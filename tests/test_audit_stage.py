@@ -1,6 +1,7 @@
 """The audit on phantom data: canaries are flagged with their patient, real unseen images are not;
 bad inputs are clear errors; the stage writes its report."""
 
+import copy
 import json
 import os
 
@@ -39,6 +40,7 @@ def phantom_sets():
 
 def test_canaries_flagged_and_named_unseen_real_not(phantom_sets, tmp_path):
   config, train, holdout, unseen = phantom_sets
+  config = copy.deepcopy(config)
   config.audit.top_k = 3
   audited, planted = canaries_lib.plant(unseen["image"], train["image"], train["patient_id"], 12,
                                         seed=1, noise=4.0, shift=1, contrast=1.15)
@@ -135,7 +137,9 @@ def test_stage_with_trained_reid_and_canaries(tmp_path):
   assert os.path.exists(os.path.join(out, "COMPLETE"))
   saved = json.load(open(os.path.join(out, "audit.json")))
   assert saved["meta"]["n_audited"] == len(val["image"]) + 4
-  assert saved["meta"]["tau"] == pytest.approx(json.load(open(os.path.join(wd, "reid", "reid.json")))["tau"])
+  reid_tau = json.load(open(os.path.join(wd, "reid", "reid.json")))["tau"]
+  assert saved["meta"]["tau_given"] == pytest.approx(reid_tau)
+  assert saved["meta"]["tau"] >= saved["meta"]["tau_given"]  # 1-vs-N calibration only raises it
   assert saved["summary"]["memorisation_1to1"]["n"] == len(val["image"]) + 4
   rows = saved["canaries"]["rows"]
   exact = [r for r in rows if r["kind"] == "exact"]
@@ -144,3 +148,22 @@ def test_stage_with_trained_reid_and_canaries(tmp_path):
   assert sum(n.startswith("canary:") for n in names) == 4
   assert summary == saved["summary"]
   assert stages.get_stage("audit")(config, wd) == summary  # complete: returns at once
+
+
+def test_chance_match_calibration_raises_tau(phantom_sets):
+  config, train, holdout, unseen = phantom_sets
+  config = copy.deepcopy(config)
+  config.audit.chance_match_rate = 0.05
+  e = FourierEmbedder()
+  emb = {k: e.embed(v["image"]) for k, v in (("train", train), ("holdout", holdout),
+                                             ("unseen", unseen))}
+  result = audit_stage.audit_embeddings(config, emb["unseen"], emb["train"], train["patient_id"],
+                                        emb["holdout"], holdout["patient_id"], 0.5)
+  tau = result["meta"]["tau"]
+  other = result["arrays"]["train_other_nn"]
+  assert result["meta"]["tau_given"] == 0.5 and tau > 0.9
+  assert np.mean(other >= tau) <= 0.05 < np.mean(other >= tau - 0.01)
+  # brute-force check of the train -> other-patient nearest similarities
+  s = emb["train"].astype(np.float64) @ emb["train"].astype(np.float64).T
+  s[train["patient_id"][:, None] == train["patient_id"][None]] = -np.inf
+  np.testing.assert_allclose(np.sort(other), np.sort(s.max(1)), atol=1e-6)

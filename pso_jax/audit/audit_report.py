@@ -104,8 +104,15 @@ def page(result: dict, shown: list) -> str:
       f"Cohen-Nissim baseline at the weight bound {html.fmt(s['weight_bound'], 5)}: "
       f"{html.fmt(s['baseline_at_weight_bound'])}.</p>"
       + "".join(f"<p class='muted'>{html.esc(w)}</p>" for w in s["warnings"])))
-  body += html.section("Rates (Wilson 95% intervals)",
-                       html.table(["", "rate", "centre [95% CI]", "count"], rows))
+  body += html.section("Rates (Wilson 95% intervals)", html.table(
+      ["", "rate", "centre [95% CI]", "count"], rows) + (
+      "<p class='muted'>Each audited image s defines the predicate sim(s, z) &ge; tau in the "
+      "re-identification embedding. It <b>singles out</b> when it matches exactly one training "
+      "patient and the share of holdout patients it matches (its weight estimate) is below the "
+      "weight bound. The <b>control</b> applies the same procedure to predicates built from real "
+      "holdout images, which carry no information about the training set (weights estimated "
+      "leaving their own patient out): it is the rate chance gives. Residual risk = (attack - "
+      "control) / (1 - control), clipped to [0, 1].</p>"))
   if "canaries" in result:
     c = result["canaries"]
     body += html.section("Canaries", (

@@ -101,6 +101,13 @@ def audit_embeddings(config, audited, train, train_patients, holdout, holdout_pa
   n_train_pat, n_hold_pat = len(train_names), len(hold_names)
   weight_bound = pso.resolve_weight_bound(float(a.weight_bound), n_train_pat)
   start = time.time()
+  train_other = _other_patient_nn(train, train_ids, int(a.train_queries), int(config.seed), opts)
+  tau_given = tau
+  if a.chance_match_rate > 0 and len(train_other):
+    # 1-vs-N calibration on training patients only: at most this share of training images match
+    # another training patient's image (the control stays untouched by the calibration)
+    tau = max(tau, float(np.quantile(train_other.astype(np.float64), 1 - a.chance_match_rate)))
+    tau = float(np.nextafter(np.float32(tau), np.float32(np.inf)))
 
   # attack: released images' predicates against training and holdout patients
   syn_train = pairwise.patient_search(audited, train, train_ids, tau, k, count_k=count_k, **opts)
@@ -118,7 +125,6 @@ def audit_embeddings(config, audited, train, train_patients, holdout, holdout_pa
   own = np.einsum("nd,nd->n", holdout[ctrl].astype(np.float64), holdout[ctrl].astype(np.float64))
   control = pso.singling_out(ctl_train.n_patients_matched, ctl_hold.n_patients_matched,
                              n_hold_pat, weight_bound, own_holdout_matched=own >= tau)
-  train_other = _other_patient_nn(train, train_ids, int(a.train_queries), int(config.seed), opts)
   search_seconds = time.time() - start
 
   summary = pso.summarise(attack["singles_out"], control["singles_out"],
@@ -155,7 +161,10 @@ def audit_embeddings(config, audited, train, train_patients, holdout, holdout_pa
     if source_sims is not None:
       evidence[-1]["similarity_to_source"] = float(source_sims[i])
   meta = {
-      "tau": float(tau), "n_audited": len(audited), "n_train": len(train),
+      "tau": float(tau), "tau_given": float(tau_given),
+      "tau_rule": (f"max(given tau, tau at a {a.chance_match_rate:g} chance match rate between "
+                   "training patients)") if a.chance_match_rate > 0 else "given tau",
+      "n_audited": len(audited), "n_train": len(train),
       "n_holdout": len(holdout), "n_control": len(ctrl), "n_train_patients": n_train_pat,
       "n_holdout_patients": n_hold_pat, "d": int(audited.shape[1]), "dtype": opts["dtype"],
       "ring": opts["ring"], "top_k": k, "count_k": count_k, "gallery": int(a.gallery),
@@ -194,6 +203,22 @@ def check_canaries(result: dict, canaries: canaries_lib.Canaries) -> dict:
 def _load_real(workdir: str, split: str) -> dict:
   from pso_jax.data import dataset
   return dataset.load_arrays(workdir, split, keys=("image", "patient_id"))
+
+
+def _multiple_comparisons(reid_info: dict, n_train: int, summary: dict) -> dict:
+  """One query meets n_train pairs: a per-pair FPR that is small for verification can still give
+  chance matches in a 1-vs-N search. The control's re-identification rate measures it directly."""
+  pair_fpr = (reid_info.get("test") or {}).get("fpr", reid_info.get("fpr"))
+  expected = None if pair_fpr is None else float(pair_fpr) * n_train
+  out = {"pair_fpr": pair_fpr, "n_train_images": n_train,
+         "expected_chance_matches_per_query": expected,
+         "control_reidentified": summary["reidentified"]["control"]["value"]}
+  if out["control_reidentified"] > 0.05:
+    summary["warnings"].append(
+        f"{out['control_reidentified']:.1%} of real holdout images match some training patient "
+        f"by chance at this tau (1-vs-{n_train} search); calibrate tau at a pair FPR well below "
+        f"1/{n_train} (config.reid.target_fpr) for a sharper audit")
+  return out
 
 
 def audit_images(config, workdir: str, images_uint8, *, embedder=None, out_dir: Optional[str] = None,
@@ -238,6 +263,8 @@ def audit_images(config, workdir: str, images_uint8, *, embedder=None, out_dir: 
                             source_sims=source_sims)
   result["meta"].update(provenance, embed_seconds=embed_seconds,
                         runtime_seconds=time.time() - start)
+  result["summary"]["multiple_comparisons"] = _multiple_comparisons(
+      provenance.get("reid", {}), len(train["image"]), result["summary"])
   if names is not None:
     for e, name in zip(result["evidence"], names):
       e["name"] = str(name)
