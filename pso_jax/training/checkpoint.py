@@ -35,7 +35,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self._failed = False
     options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True,
+                                           cleanup_tmp_directories=True,
                                            enable_async_checkpointing=bool(async_save))
     self.manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(),
                                          options=options)
@@ -52,17 +54,31 @@ class Checkpointer:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     try:
       self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
-    except OSError as e:
-      raise self._save_error(step, e) from e
+    except Exception as e:  # noqa: BLE001 (tensorstore reports OS errors as ValueError)
+      error = self._save_error(step, e)
+      if error is e:
+        raise
+      raise error from e
 
   def wait(self) -> None:
     try:
       self.manager.wait_until_finished()
-    except OSError as e:
-      raise self._save_error(None, e) from e
+    except Exception as e:  # noqa: BLE001 (an async save's error surfaces here)
+      error = self._save_error(None, e)
+      if error is e:
+        raise
+      raise error from e
 
-  def _save_error(self, step, e: OSError) -> UserError:
-    what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else str(e)
+  def _save_error(self, step, e: Exception) -> Exception:
+    """A UserError for disk errors (orbax leaves only a temporary folder, never a partial step)."""
+    code = getattr(e, "errno", None)
+    found = re.search(r"os_error_code='?(\d+)", str(e))
+    code = int(found.group(1)) if found and code is None else code
+    if code is None and not isinstance(e, OSError):
+      return e
+    self._failed = True
+    what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+            errno.EFBIG: "a file-size limit was reached"}.get(code, os.strerror(code) if code else str(e))
     latest = self.latest_step()
     kept = (f"the last complete checkpoint (step {latest}) is kept" if latest is not None
             else "no complete checkpoint exists yet")
@@ -102,8 +118,13 @@ class Checkpointer:
     return self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def close(self) -> None:
-    self.wait()
-    self.manager.close()
+    try:
+      self.wait()
+    except UserError:
+      if not self._failed:
+        raise
+    finally:
+      self.manager.close()
 
 
 # ------------------------------------------------------------------ EMA snapshots

@@ -96,7 +96,7 @@ def make_train_step(model, config):
     params = project_mp_weights(optax.apply_updates(state.params, updates))
     nimg = (state.step.astype(jnp.float32) + 1) * batch_size
     ema = ema_lib.phema_update(state.ema, params, nimg, batch_size, stds)
-    metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads), lr=lr_fn(state.step))
+    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), lr=lr_fn(state.step))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
     return new_state, metrics
 
