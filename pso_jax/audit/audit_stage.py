@@ -39,6 +39,24 @@ def _patient_ids(name: str, patients, n: int) -> np.ndarray:
   return patients
 
 
+def check_patients(train_patients, holdout_patients) -> None:
+  shared = np.intersect1d(train_patients, holdout_patients)
+  if len(shared):
+    raise UserError(f"the holdout shares {len(shared)} patients with training (e.g. "
+                    f"{str(shared[0])!r}); the control needs patient-disjoint splits: use another "
+                    "config.audit.holdout_split or re-run --mode=prepare")
+  if len(np.unique(holdout_patients)) < 2:
+    raise UserError("the holdout has fewer than 2 patients; predicate weights cannot be estimated")
+
+
+def check_tau(tau: float, top: float = 1.0) -> None:
+  """Similarities of embeddings with norms <= sqrt(top) lie in [-top, top] (unit norm: top = 1)."""
+  if not np.isfinite(tau) or not -top < tau <= top:
+    raise UserError(f"tau={tau} is outside the similarity range (-{top:.3g}, {top:.3g}] of these "
+                    "embeddings: it would flag everything or nothing. Use the re-id model's "
+                    "calibrated tau (config.audit.tau=-1) or a value inside the range")
+
+
 def check_inputs(audited, train, train_patients, holdout, holdout_patients, tau: float):
   """Every bad-input case as one UserError before any search runs. Returns cleaned arrays."""
   for name, x in (("audited set", audited), ("training set", train), ("holdout set", holdout)):
@@ -50,19 +68,8 @@ def check_inputs(audited, train, train_patients, holdout, holdout_patients, tau:
   holdout = pairwise.check_embeddings("holdout embeddings", holdout, d)
   train_patients = _patient_ids("training set", train_patients, len(train))
   holdout_patients = _patient_ids("holdout set", holdout_patients, len(holdout))
-  shared = np.intersect1d(train_patients, holdout_patients)
-  if len(shared):
-    raise UserError(f"the holdout shares {len(shared)} patients with training (e.g. "
-                    f"{shared[0]!r}); the control needs patient-disjoint splits: use another "
-                    "config.audit.holdout_split or re-run --mode=prepare")
-  if len(np.unique(holdout_patients)) < 2:
-    raise UserError("the holdout has fewer than 2 patients; predicate weights cannot be estimated")
-  norms = [np.linalg.norm(x, axis=1).max() for x in (audited, train, holdout)]
-  top = float(max(norms) ** 2)
-  if not np.isfinite(tau) or not -top < tau <= top:
-    raise UserError(f"tau={tau} is outside the similarity range (-{top:.3g}, {top:.3g}] of these "
-                    "embeddings: it would flag everything or nothing. Use the re-id model's "
-                    "calibrated tau (config.audit.tau=-1) or a value inside the range")
+  check_patients(train_patients, holdout_patients)
+  check_tau(tau, float(max(np.linalg.norm(x, axis=1).max() for x in (audited, train, holdout)) ** 2))
   return audited, train, train_patients, holdout, holdout_patients
 
 
@@ -249,6 +256,13 @@ def audit_images(config, workdir: str, images_uint8, *, embedder=None, out_dir: 
   if images_uint8.shape[1:] != train["image"].shape[1:]:
     raise UserError(f"audited images {images_uint8.shape[1:]} differ in shape from the training "
                     f"images {train['image'].shape[1:]}; audit images of the dataset's format")
+  # the checks that need no embedding run before the embedder does (unit-norm: sims in [-1, 1])
+  for name, x in (("training set", train), ("holdout set", holdout)):
+    if len(x["image"]) == 0:
+      raise UserError(f"the {name} is empty; the audit needs images in it")
+  check_patients(_patient_ids("training set", train["patient_id"], len(train["image"])),
+                 _patient_ids("holdout set", holdout["patient_id"], len(holdout["image"])))
+  check_tau(tau)
   start = time.time()
   emb = {name: embedder.embed(x) for name, x in
          (("audited", images_uint8), ("train", train["image"]), ("holdout", holdout["image"]))}
