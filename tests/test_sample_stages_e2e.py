@@ -12,6 +12,7 @@ from pso_jax import stages, workdir as workdir_lib
 from pso_jax.audit import selection as sel
 from pso_jax.audit import select_stage, synthetic_set
 from pso_jax.diffusion import sample_stage
+from pso_jax.errors import UserError
 from tests.conftest import load_config
 
 pytest.importorskip("pso_jax.training.loop")
@@ -72,30 +73,41 @@ def test_sample_stage_writes_the_preview_grid(trained, tmp_path):
 
 def test_select_resumes_identically_and_matches_one_device(trained, tmp_path):
   config, workdir = trained
-  full = clone(workdir, tmp_path / "full")
-  summary = select_stage.run(config, full)
-  files = synthetic_files(full)
+  # an uninterrupted run on one device (mesh data=1)
+  one = clone(workdir, tmp_path / "one")
+  config_one = load_config("tiny")
+  config_one.mesh.data = 1
+  summary = select_stage.run(config_one, one)
+  files = synthetic_files(one)
   n_train = summary["train_images"]
   assert summary["released_primary"] + summary["skipped_images"] == n_train
   assert 0.0 <= summary["first_round_rejection_rate"] <= 1.0
   records = [json.loads(line) for line in files["selection.jsonl"].decode().splitlines()]
   assert {r["index"] for r in records} == set(range(n_train))
-  assert all(r["outcome"] != sel.REJECTED or r["n_patients_matched"] > 0 for r in records)
-  released = synthetic_set.load_released(full)
+  assert all((r["outcome"] == sel.REJECTED) == (r["n_patients_matched"] > 0) for r in records)
+  released = synthetic_set.load_released(one)
   assert released["images"].dtype == np.uint8
   assert len(released["paths"]) == summary["released"]
   assert released["images"].shape[1:] == (config.data.image_size,) * 2 + (config.data.channels,)
-  # killed after one chunk, then rerun: the same files
+  # on 8 devices, killed after one chunk, then rerun: the same files as the 1-device run
   killed = clone(workdir, tmp_path / "killed")
   partial = select_stage.run(config, killed, stop_after_chunks=1)
   assert partial["chunks_done"] == 1
   select_stage.run(config, killed)
   resumed = synthetic_files(killed)
   assert resumed.keys() == files.keys() and all(resumed[k] == files[k] for k in files)
-  # on one device (mesh data=1): the same files
-  one = clone(workdir, tmp_path / "one")
-  config_one = load_config("tiny")
-  config_one.mesh.data = 1
-  select_stage.run(config_one, one)
-  single = synthetic_files(one)
-  assert single.keys() == files.keys() and all(single[k] == files[k] for k in files)
+  assert select_stage.run(config, killed)["released"] == summary["released"]  # COMPLETE: at once
+
+
+def test_a_checkpoint_of_another_model_is_refused(trained, tmp_path):
+  config, workdir = trained
+  wd = clone(workdir, tmp_path / "wd")
+  other = load_config("tiny")
+  other.model.preset = "demo"
+  with pytest.raises(UserError):
+    sample_stage.run(other, wd)
+  other = load_config("tiny")
+  other.data.features.dim = 32
+  with pytest.raises(UserError, match="32"):
+    select_stage.run(other, wd)
+  assert not os.path.exists(os.path.join(wd, "synthetic", "chunks"))

@@ -108,6 +108,14 @@ def _load(config, workdir, *, ema_std, step=None):
   return load_denoiser(config, workdir, ema_std=ema_std, step=step)
 
 
+def _latest_step(workdir: str):
+  """Newest diffusion checkpoint step (orbax names step folders by number), None if unknown."""
+  from pso_jax.training.loop import stage_dir
+  directory = os.path.join(stage_dir(workdir), "checkpoints")
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+  return max(steps) if steps else None
+
+
 def _guide(config, workdir, net: sampler_lib.Denoiser):
   """The reference denoiser D_ref of the configured guidance."""
   from pso_jax.models.presets import cond_dim, model_input_shape
@@ -158,7 +166,8 @@ def load_sampler(config, workdir: str, *, stream: int, guided: bool, mesh=None,
       net, ref, key=key, shape=model_input_shape(config), steps=int(s.steps),
       sigma_min=float(s.sigma_min), sigma_max=float(s.sigma_max), rho=float(s.rho),
       batch_size=int(batch_size or s.batch_size), mesh=mesh)
-  fingerprint = dict(config_hash=_config_hash(config), weights=round(weight_checksum(variables), 3),
+  fingerprint = dict(config_hash=_config_hash(config), checkpoint_step=_latest_step(workdir),
+                     weights=round(weight_checksum(variables), 3),
                      guide=s.guide if ref is not None else "none",
                      guide_weights=round(weight_checksum(ref.variables), 3) if ref is not None
                      and ref.variables is not variables else None)
