@@ -162,6 +162,9 @@ def test_vae_bad_inputs(tmp_path):
     with pytest.raises(UserError, match=match):
       vae_latents.encode_images(config, images)
   write_vae_folder(str(tmp_path / "ok"))
+  config.data.latent.vae_dir = str(tmp_path / "ok" / sd_vae.WEIGHTS_FILE)
+  with pytest.raises(UserError, match="bare weight file"):
+    vae_latents.encode_images(config, images)
   os.remove(tmp_path / "ok" / sd_vae.WEIGHTS_FILE)
   config.data.latent.vae_dir = str(tmp_path / "ok")
   with pytest.raises(UserError, match="no diffusion_pytorch_model.safetensors"):

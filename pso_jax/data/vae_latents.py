@@ -46,8 +46,10 @@ def vae_for(config) -> tuple[sd_vae.AutoencoderKL, dict]:
 
 
 def latent_shape(config) -> tuple[int, int, int]:
-  """(h, w, c) of the latents of config.data.image_size images (no weights read)."""
+  """(h, w, c) of the latents of config.data.image_size images; reads only config.json, so a
+  wrong folder, channel count or image size stops `prepare` before any work."""
   vc = sd_vae.read_config(config.data.latent.vae_dir)
+  _stats(config, vc)
   _check_size(config.data.image_size, vc)
   f = vc.downsample_factor
   return config.data.image_size // f, config.data.image_size // f, vc.latent_channels

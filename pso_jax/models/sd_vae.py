@@ -221,7 +221,23 @@ def _subdir_with_weights(folder: str) -> str:
   return folder
 
 
+def _require_path(path: str) -> None:
+  if not path:
+    raise UserError("config.data.latent.vae_dir is empty: point it to the SD VAE folder "
+                    "(config.json + diffusion_pytorch_model.safetensors), see third_party/sd_vae/README.md")
+  if not os.path.exists(path):
+    raise UserError(f"VAE folder {path!r} does not exist; see third_party/sd_vae/README.md")
+
+
 def read_config(path: str) -> VAEConfig:
+  """The VAEConfig of a diffusers folder or a converted file (no weights read)."""
+  _require_path(path)
+  if os.path.isfile(path):
+    meta = weights_lib.read_safetensors_metadata(path) if path.endswith(".safetensors") else {}
+    if not weights_lib.is_converted(meta) or "config" not in meta:
+      raise UserError(f"{path} is a bare weight file; give the diffusers folder that holds it and "
+                      "its config.json, or a file made by `python -m pso_jax.tools.convert vae`")
+    return VAEConfig.from_diffusers(json.loads(meta["config"]), path)
   folder = _subdir_with_weights(path)
   cfg_path = os.path.join(folder, "config.json")
   if not os.path.isfile(cfg_path):
@@ -242,20 +258,11 @@ def abstract_variables(model: AutoencoderKL):
 
 def load_vae(path: str) -> tuple[AutoencoderKL, dict]:
   """(model, variables) from a diffusers folder or a file written by `pso_jax.tools.convert vae`."""
-  if not path:
-    raise UserError("config.data.latent.vae_dir is empty: point it to the SD VAE folder "
-                    "(config.json + diffusion_pytorch_model.safetensors), see third_party/sd_vae/README.md")
+  config = read_config(path)
   if os.path.isfile(path):
     tensors, meta = weights_lib.read_weights(path)
-    if not weights_lib.is_converted(meta):
-      raise UserError(f"{path} is a bare weight file; give the diffusers folder that holds it and "
-                      "its config.json, or a file made by `python -m pso_jax.tools.convert vae`")
-    config = VAEConfig.from_diffusers(json.loads(meta.get("config", "{}")), path)
     converted = weights_lib.converted_variables(tensors, meta, path, ARCH)
   else:
-    if not os.path.isdir(path):
-      raise UserError(f"VAE folder {path!r} does not exist; see third_party/sd_vae/README.md")
-    config = read_config(path)
     folder = _subdir_with_weights(path)
     weight_path = os.path.join(folder, WEIGHTS_FILE)
     if not os.path.isfile(weight_path) and os.path.isfile(os.path.join(folder, LEGACY_WEIGHTS_FILE)):

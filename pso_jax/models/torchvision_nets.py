@@ -232,18 +232,3 @@ def load(arch: str, path: str, *, num_classes: int | None = None) -> tuple[nn.Mo
   model = ARCHS[arch](num_classes=classes)
   variables = weights_lib.match_to_template(converted, abstract_variables(model), path, arch)
   return model, jax.tree.map(jnp.asarray, variables)
-
-
-def load_or_init(arch: str, path: str, key, *, num_classes: int) -> tuple[nn.Module, dict]:
-  """Backbone from `path` (random when empty) with a freshly initialised head of num_classes
-  (none when 0): how the re-id model and the finding classifier start from ImageNet weights."""
-  model = ARCHS[arch](num_classes=num_classes)
-  variables = jax.jit(model.init)(key, jnp.zeros((1, 64, 64, 3)))
-  if path:
-    _, backbone = load(arch, path, num_classes=0)
-    params = dict(backbone["params"])
-    head = "fc" if arch == "resnet50" else "classifier"
-    if num_classes:
-      params[head] = variables["params"][head]
-    variables = {"params": params, "batch_stats": backbone["batch_stats"]}
-  return model, variables

@@ -29,9 +29,8 @@ IGNORED_SUFFIXES = (".num_batches_tracked",)
 
 
 # ------------------------------------------------------------------------------------ files
-def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-  """(tensors, metadata) of a safetensors file; a truncated or malformed file is a UserError."""
-  import ml_dtypes  # ships with jax; numpy has no bfloat16
+def _read_header(path: str) -> tuple[dict, int]:
+  """(JSON header, its length) of a safetensors file: 8-byte little-endian length, then JSON."""
   size = os.path.getsize(path)
   with open(path, "rb") as f:
     head = f.read(8)
@@ -45,6 +44,20 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
       header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError):
       raise UserError(f"{path} has a corrupt safetensors header; download it again") from None
+  if not isinstance(header, dict):
+    raise UserError(f"{path} has a corrupt safetensors header; download it again")
+  return header, n
+
+
+def read_safetensors_metadata(path: str) -> dict[str, str]:
+  return _read_header(path)[0].get("__metadata__") or {}
+
+
+def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """(tensors, metadata) of a safetensors file; a truncated or malformed file is a UserError."""
+  import ml_dtypes  # ships with jax; numpy has no bfloat16
+  header, n = _read_header(path)
+  size = os.path.getsize(path)
   meta = header.pop("__metadata__", None) or {}
   data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
   tensors = {}
