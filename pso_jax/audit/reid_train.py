@@ -148,7 +148,7 @@ def run(config, workdir: str, **_) -> dict:
 
 
 def train_and_write(config, splits: dict, out_dir: str) -> dict:
-  result = train_reid(config, splits, out_dir)
+  result = utility.as_json(train_reid(config, splits, out_dir))
   if jax.process_index() == 0:
     io_utils.write_json(os.path.join(out_dir, reid.RESULT_FILE), result)
     io_utils.write_text(os.path.join(out_dir, "COMPLETE"), "ok\n")

@@ -12,7 +12,7 @@ import os
 import jax
 
 from pso_jax import io_utils
-from pso_jax.evaluate import classifier as classifier_lib
+from pso_jax.evaluate import classifier as classifier_lib, utility
 
 
 def load_labelled_splits(workdir: str) -> dict:
@@ -45,7 +45,7 @@ def run(config, workdir: str, **_) -> dict:
 
 
 def train_and_write(config, splits: dict, out_dir: str, *, steps: int = None) -> dict:
-  result = train_and_test(config, splits, out_dir, steps=steps)
+  result = utility.as_json(train_and_test(config, splits, out_dir, steps=steps))
   if jax.process_index() == 0:
     io_utils.write_json(os.path.join(out_dir, classifier_lib.RESULT_FILE), result)
     io_utils.write_text(os.path.join(out_dir, "COMPLETE"), "ok\n")

@@ -125,7 +125,7 @@ def run(config, workdir: str, **_) -> dict:
   from pso_jax.audit import synthetic_set
   released = synthetic_set.load_released(workdir)  # fails first when select has not run
   splits = classifier_train.load_labelled_splits(workdir)
-  result = evaluate(config, workdir, splits, released)
+  result = utility.as_json(evaluate(config, workdir, splits, released))
   if jax.process_index() == 0:
     io_utils.write_json(os.path.join(out_dir, RESULT_FILE), result)
     io_utils.write_text(done, "ok\n")

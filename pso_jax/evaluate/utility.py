@@ -7,6 +7,7 @@ re-id pair AUC (pairs resampled) and the per-finding AUROC (test images resample
 the real- and the synthetic-trained classifier).
 """
 
+import json
 from typing import Optional, Sequence
 
 import numpy as np
@@ -144,3 +145,15 @@ def utility_report(probs_by_model: dict, labels, findings: Sequence[str], *, res
                             "value": None if np.isnan(diff) else float(diff),
                             "ci": percentile_ci(boot_diff)}
   return report
+
+
+def as_json(obj):
+  """`obj` as it reads back from JSON (tuples -> lists, numpy scalars -> Python numbers), so a
+  stage returns the same value on its first run and on a rerun that reads its file."""
+  def default(o):
+    if isinstance(o, np.generic):
+      return o.item()
+    if isinstance(o, np.ndarray):
+      return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+  return json.loads(json.dumps(obj, default=default))

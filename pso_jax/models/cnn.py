@@ -115,7 +115,7 @@ class CnnSpec:
   norm: str = "batch"
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    return {**dataclasses.asdict(self), "blocks": list(self.blocks)}  # as JSON stores it
 
   @classmethod
   def from_dict(cls, d: dict) -> "CnnSpec":
