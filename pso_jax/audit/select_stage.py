@@ -7,6 +7,7 @@ produces the same files (seeds are functions of image index, round and candidate
 stores which model made the selection; a different model is refused.
 """
 
+import json
 import os
 
 import jax
@@ -68,7 +69,6 @@ def finish(out_dir: str, inputs: selection.SelectionInputs, rule, stats: list, e
     with open(selection.chunk_records(out_dir, k), encoding="utf-8") as f:
       texts.append(f.read())
   io_utils.write_text(os.path.join(out_dir, "selection.jsonl"), "".join(texts))
-  import json
   records = [json.loads(line) for text in texts for line in text.splitlines()]
   io_utils.write_text(os.path.join(out_dir, "filelist.txt"),
                       "".join(selection.filelist_lines(records, inputs.labels)))

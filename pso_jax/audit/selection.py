@@ -10,6 +10,7 @@ testable apart from the networks; `select_stage` builds the inputs from a workdi
 """
 
 import dataclasses
+import json
 import os
 import time
 from typing import Callable, Optional
@@ -233,7 +234,6 @@ def run_chunks(inputs: SelectionInputs, rule: SelectionRule, out_dir: str, chunk
 
 
 def _json_line(record: dict) -> str:
-  import json
   return json.dumps(record, sort_keys=True) + "\n"
 
 

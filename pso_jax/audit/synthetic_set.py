@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from pso_jax import io_utils
+from pso_jax.audit.selection import KEPT, SECOND, output_path
 from pso_jax.errors import UserError
 
 SUBDIR = "synthetic"
@@ -53,9 +54,8 @@ def load_released(workdir: str) -> dict:
   with open(os.path.join(root, "selection.jsonl"), encoding="utf-8") as f:
     for line in f:
       r = json.loads(line)
-      if r["outcome"] in ("kept", "second"):
-        from pso_jax.audit.selection import output_path
-        source[output_path(r["path"], r["outcome"] == "second")] = r["index"]
+      if r["outcome"] in (KEPT, SECOND):
+        source[output_path(r["path"], r["outcome"] == SECOND)] = r["index"]
   channels = int(summary["image_shape"][-1])
   images = [read_png(os.path.join(root, "images", p), channels) for p in paths]
   shape = tuple(summary["image_shape"])

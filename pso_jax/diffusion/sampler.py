@@ -174,13 +174,6 @@ class GuidedSampler:
       self._compiled[guided] = jax.jit(sample, out_shardings=out_sharding)
     return self._compiled[guided]
 
-  def lower(self, guided: bool, cond_dim: int):
-    """The lowered batch function (for cost analysis in benchmarks)."""
-    b = self.batch_size
-    args = self._arguments(np.zeros(b, np.uint32), np.zeros((b, cond_dim), np.float32),
-                           np.ones(b, np.float32))
-    return self._function(guided).lower(*args)
-
   def _arguments(self, seeds, cond, guidance):
     ref_variables = self.ref.variables if self.ref is not None else None
     return (self.net.variables, ref_variables, self.key, to_global(seeds, self.mesh),
