@@ -160,14 +160,16 @@ def _engine(mesh, ring: bool, reducer_key: tuple, qb: int, dtype: str):
     if not ring:
       carry = search(refs, aux, carry)
     else:
+      # every device searches its own shard, then n_dev - 1 shards passed around the ring
       perm = [(i, (i + 1) % n_dev) for i in range(n_dev)]
 
       def step(state, _):
         refs, aux, carry = state
-        carry = search(refs, aux, carry)
         refs, aux = jax.lax.ppermute((refs, aux), axes, perm)
-        return (refs, aux, carry), None
-      carry = jax.lax.scan(step, (refs, aux, carry), None, length=n_dev)[0][2]
+        return (refs, aux, search(refs, aux, carry)), None
+      carry = search(refs, aux, carry)
+      if n_dev > 1:
+        carry = jax.lax.scan(step, (refs, aux, carry), None, length=n_dev - 1)[0][2]
     return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), carry)
 
   ref_spec = P(axes) if ring else P()
@@ -200,7 +202,7 @@ def _run_engine(mesh, ring, reducer_key, queries, refs, aux, qb, dtype):
   fn = _engine(mesh, ring, reducer_key, qb, dtype)
   with jax.set_mesh(mesh):
     out = fn(_put(qpad.astype(host_dtype, copy=False), mesh, P(axes)),
-           _put(refs.astype(host_dtype, copy=False), mesh, spec),
+             _put(refs.astype(host_dtype, copy=False), mesh, spec),
              jax.tree.map(lambda a: _put(a, mesh, spec), aux))
   return jax.tree.map(lambda a: a[:n], _fetch(out))
 
