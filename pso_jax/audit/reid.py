@@ -9,6 +9,7 @@ patient" is the predicate sim >= tau. tau is calibrated on patient-disjoint vali
 """
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -136,10 +137,10 @@ class ReidModel:
   batch_size: int = 256
 
   def __post_init__(self):
-    model = cnn.build_cnn(self.spec)
-    variables = jax.device_put(self.variables)
-    self._apply = jax.jit(lambda x: model.apply(variables, cnn.preprocess(x, self.spec),
-                                                train=False))
+    model, spec = cnn.build_cnn(self.spec), self.spec
+    # weights as an argument, not a closure: big nets would otherwise be baked into the program
+    apply = jax.jit(lambda v, x: model.apply(v, cnn.preprocess(x, spec), train=False))
+    self._apply = functools.partial(apply, jax.device_put(self.variables))
 
   @property
   def embed_dim(self) -> int:

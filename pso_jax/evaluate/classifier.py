@@ -7,6 +7,7 @@ sigmoid outputs when configured (reference: Resize(256) then TenCrop(224)), else
 """
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -110,9 +111,8 @@ class Classifier:
 
   def __post_init__(self):
     model, spec = cnn.build_cnn(self.spec), self.spec
-    variables = jax.device_put(self.variables)
 
-    def probs(x):
+    def probs(variables, x):
       x = cnn.to_unit_float(x)
       if not self.ten_crop:
         return jax.nn.sigmoid(model.apply(variables, cnn.normalise(cnn.resize(x, spec.image_size),
@@ -124,7 +124,7 @@ class Classifier:
       p = jax.nn.sigmoid(model.apply(variables, cnn.normalise(flat, spec), train=False))
       return jnp.mean(p.reshape(10, -1, p.shape[-1]), axis=0)
 
-    self._probs = jax.jit(probs)
+    self._probs = functools.partial(jax.jit(probs), jax.device_put(self.variables))
 
   def predict(self, images) -> np.ndarray:
     images = np.asarray(images)
