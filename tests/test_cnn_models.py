@@ -102,3 +102,21 @@ def test_orbax_round_trip_and_batched_apply(tmp_path):
   np.testing.assert_allclose(supervised.apply_batched(fn, images, 4),
                              model.apply(variables, cnn.preprocess(images, spec), train=False),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_ten_crop_prediction_is_the_mean_over_explicit_crops():
+  from pso_jax.evaluate.classifier import Classifier
+  spec = cnn.CnnSpec("small_resnet", "logits", 8, image_size=8, channels=1, width=4,
+                     blocks=(1,), norm="group")
+  variables = cnn.init_cnn(spec, jax.random.key(0))
+  images = np.random.default_rng(1).integers(0, 256, (3, 8, 8, 1), np.uint8)
+  got = Classifier(spec, variables, ten_crop=True).predict(images)
+  big = np.asarray(cnn.resize(cnn.to_unit_float(images), 9))  # Resize(256) -> crops of 224
+  model = cnn.build_cnn(spec)
+  apply = jax.jit(lambda x: jax.nn.sigmoid(model.apply(variables, cnn.normalise(x, spec),
+                                                       train=False)))
+  probs = []
+  for y, x in ((0, 0), (0, 1), (1, 0), (1, 1), (0, 0)):  # 4 corners; centre of 9 -> offset 0
+    crop = big[:, y:y + 8, x:x + 8]
+    probs += [apply(crop), apply(np.flip(crop, axis=2).copy())]
+  np.testing.assert_allclose(got, np.mean(probs, axis=0), rtol=1e-5, atol=1e-6)
