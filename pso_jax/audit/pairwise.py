@@ -106,8 +106,9 @@ def _topk_reducer(kk: int):
   def init(qb):
     return (jnp.full((qb, kk), -jnp.inf, jnp.float32), jnp.full((qb, kk), -1, jnp.int32))
 
-  def update(carry, s, ids):
-    s = jnp.where(ids[None, :] >= 0, s, -jnp.inf)
+  def update(carry, s, ids, masked=True):
+    if masked:  # a padded block; an extra pass over s, so full blocks skip it
+      s = jnp.where(ids[None, :] >= 0, s, -jnp.inf)
     v, col = _block_topk(s, kk)
     v = jnp.concatenate([carry[0], v], axis=1)
     i = jnp.concatenate([carry[1], ids[col]], axis=1)
@@ -126,8 +127,8 @@ def _count_reducer(tau: float, eps: float):
     c = jnp.pad(jnp.cumsum(hits.astype(jnp.int32), axis=1), ((0, 0), (1, 0)))
     return jnp.sum((c[:, end] - c[:, start]) > 0, axis=1, dtype=jnp.int32)
 
-  def update(carry, s, aux):
-    start, end = aux  # patient segments of this block; padding segments are empty
+  def update(carry, s, aux, masked=True):
+    start, end = aux  # patient segments of this block; padding lies outside every segment
     return (carry[0] + segments_hit(s >= tau + eps, start, end),
             carry[1] + segments_hit(s >= tau - eps, start, end))
 
@@ -135,22 +136,30 @@ def _count_reducer(tau: float, eps: float):
 
 
 @functools.lru_cache(maxsize=32)
-def _engine(mesh, ring: bool, reducer_key: tuple, qb: int, dtype: str):
+def _engine(mesh, ring: bool, reducer_key: tuple, qb: int, dtype: str, padded_tail: bool = True):
   """Jitted, sharded blocked search. Queries [n, d] split over all mesh axes; refs [nb, rb, d]
-  with per-block aux pytree, replicated or (ring) split over the same axes and rotated."""
+  with per-block aux pytree, replicated or (ring) split over the same axes and rotated.
+  padded_tail: (replicated) only the last block holds padding, so only it is masked."""
   kind, *params = reducer_key
   init, update = _topk_reducer(*params) if kind == "topk" else _count_reducer(*params)
   axes = tuple(mesh.axis_names)
   n_dev = mesh.size
   compute = DTYPES[dtype]
 
+  def block(q, c, r, a, masked):
+    s = jax.lax.dot_general(q, r.astype(compute), (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return update(c, s, a, masked=masked)
+
   def scan_refs(q, carry, refs, aux):
-    def body(c, blk):
-      r, a = blk
-      s = jax.lax.dot_general(q, r.astype(compute), (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.float32)
-      return update(c, s, a), None
-    return jax.lax.scan(body, carry, (refs, aux))[0]
+    if ring:  # any shard may hold padding
+      return jax.lax.scan(lambda c, b: (block(q, c, *b, True), None), carry, (refs, aux))[0]
+    n_full = refs.shape[0] - int(padded_tail)
+    head = jax.tree.map(lambda x: x[:n_full], (refs, aux))
+    carry = jax.lax.scan(lambda c, b: (block(q, c, *b, False), None), carry, head)[0]
+    if padded_tail:
+      carry = block(q, carry, refs[-1], jax.tree.map(lambda x: x[-1], aux), True)
+    return carry
 
   def local(queries, refs, aux):
     qblocks = queries.astype(compute).reshape(-1, qb, queries.shape[-1])
@@ -190,7 +199,7 @@ def _fetch(tree):
   return jax.tree.map(np.array, tree)
 
 
-def _run_engine(mesh, ring, reducer_key, queries, refs, aux, qb, dtype):
+def _run_engine(mesh, ring, reducer_key, queries, refs, aux, qb, dtype, padded_tail=True):
   """Pads queries to the mesh x block grid, places everything, runs, returns host arrays [n]."""
   n = queries.shape[0]
   per = mesh.size * qb
@@ -199,7 +208,7 @@ def _run_engine(mesh, ring, reducer_key, queries, refs, aux, qb, dtype):
   host_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
   axes = tuple(mesh.axis_names)
   spec = P(axes) if ring else P()
-  fn = _engine(mesh, ring, reducer_key, qb, dtype)
+  fn = _engine(mesh, ring, reducer_key, qb, dtype, bool(padded_tail))
   with jax.set_mesh(mesh):
     out = fn(_put(qpad.astype(host_dtype, copy=False), mesh, P(axes)),
              _put(refs.astype(host_dtype, copy=False), mesh, spec),
@@ -230,6 +239,10 @@ def _rescore(queries, refs, approx, idx, cut) -> np.ndarray:
     # float32 products are exact in float64; the sum is float64
     exact[r, c] = np.einsum("pd,pd->p", queries[r], refs[idx[r, c]], dtype=np.float64)
   return exact
+
+
+def _norms(x: np.ndarray) -> np.ndarray:
+  return np.sqrt(np.einsum("nd,nd->n", x, x, dtype=np.float64))
 
 
 def _sort_desc(sims, idx):
@@ -287,7 +300,7 @@ def _candidates(queries, refs, kk, opts: _Options):
   ids = np.full(nb * rb, -1, np.int32)
   ids[:len(refs)] = np.arange(len(refs), dtype=np.int32)
   return _run_engine(mesh, opts.ring, ("topk", kk), queries, rpad.reshape(nb, rb, -1),
-                     ids.reshape(nb, rb), qb, opts.dtype)
+                     ids.reshape(nb, rb), qb, opts.dtype, padded_tail=len(refs) % rb != 0)
 
 
 def _certified_topk(queries, refs, k, kk, opts: _Options, stats: dict, tau=None):
@@ -300,8 +313,8 @@ def _certified_topk(queries, refs, k, kk, opts: _Options, stats: dict, tau=None)
   """
   n, d = queries.shape
   kk = min(kk, len(refs))
-  rmax = float(np.linalg.norm(refs, axis=1).max())
-  qnorm = np.linalg.norm(queries, axis=1).astype(np.float64)
+  rmax = float(_norms(refs).max())
+  qnorm = _norms(queries)
   approx, idx = _candidates(queries, refs, kk, opts)
   eps = _eps_coeff(opts.dtype, d) * qnorm * rmax
   stats.update(n=n, m=len(refs), d=d, dtype=opts.dtype, candidates=kk)
@@ -405,11 +418,10 @@ def _count_patients(queries, refs, ref_patients, tau, opts: _Options, stats: dic
   rb = _fit_block(opts.ref_block, len(refs))
   layout, start, end = _packed_patient_layout(ref_patients, rb, opts.mesh.size, opts.ring)
   rpad = np.where((layout >= 0)[..., None], refs[np.maximum(layout, 0)], 0.0).astype(np.float32)
-  eps = _eps_coeff("float32", d) * float(np.linalg.norm(queries, axis=1).max()) * float(
-      np.linalg.norm(refs, axis=1).max())
+  eps = _eps_coeff("float32", d) * float(_norms(queries).max()) * float(_norms(refs).max())
   qb = _fit_block(opts.query_block, -(-len(queries) // opts.mesh.size), multiple=8)
   sure, possible = _run_engine(opts.mesh, opts.ring, ("count", float(tau), float(eps)), queries,
-                               rpad, (start, end), qb, "float32")
+                               rpad, (start, end), qb, "float32", padded_tail=False)
   todo = np.nonzero(sure != possible)[0]
   stats["count_float64"] = int(len(todo))
   if len(todo):

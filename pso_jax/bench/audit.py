@@ -11,6 +11,7 @@ reports its peak RSS next to the input size and to the N x M matrix it never bui
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -148,18 +149,25 @@ def parse(argv):
   p.add_argument("--k", type=int, default=10)
   p.add_argument("--tau", type=float, default=0.5, help="patient-count threshold")
   p.add_argument("--per_patient", type=int, default=4, help="reference images per patient")
-  p.add_argument("--query_block", type=int, default=256)
-  p.add_argument("--ref_block", type=int, default=2048)
+  p.add_argument("--query_block", type=int, default=512)
+  p.add_argument("--ref_block", type=int, default=4096)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--memory", default="1000x20000,4000x200000",
                  help="comma-separated NxM sizes for the peak-memory runs ('' to skip)")
+  p.add_argument("--threads", type=int, default=0,
+                 help="1: single-threaded XLA and faiss (steadier ratios on a shared machine)")
   p.add_argument("--child", default="", help=argparse.SUPPRESS)
   return p.parse_args(argv[1:])
 
 
 def main(argv):
   args = parse(argv)
+  if args.threads == 1:  # must precede the first jax import
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false").strip()
+    import faiss
+    faiss.omp_set_num_threads(1)
   if args.child:
     n, m = (int(v) for v in args.child.split("x"))
     print(json.dumps(memory_child(n, m, args.d, args)))
