@@ -135,11 +135,12 @@ def test_counts_near_tau_are_exact():
   cos = np.array([tau + 2e-7, tau - 2e-7, tau + 3e-7, tau - 3e-7, 0.1, 0.2], np.float32)
   r = np.zeros((6, d), np.float32)
   r[:, 0], r[:, 1] = cos, np.sqrt(1 - cos.astype(np.float64) ** 2)
-  patients = np.array([0, 1, 2, 3, 4, 5])
+  patients = 10 ** 9 + np.array([0, 1, 2, 3, 4, 5])  # large, sparse ids
   res = pairwise.patient_search(np.repeat(q, 3, 0), r, patients, tau, 2, query_block=8,
                                 ref_block=16, count_k=1, margin=0)
   want = _numpy_patient_counts(q, r, patients, tau)[0]
   assert want == 2 and (res.n_patients_matched == want).all()
+  assert res.stats["count_float64"] == 3  # the fp32 counts could not be certified
 
 
 def test_bad_inputs_are_clear_errors():

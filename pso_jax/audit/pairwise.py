@@ -272,11 +272,11 @@ def _host_topk(queries, refs, kk):
 
 def _host_patient_counts(queries, refs, ref_patients, tau):
   q64 = queries.astype(np.float64)
-  n_pat = int(ref_patients.max()) + 1
-  hit = np.zeros((len(q64), n_pat), bool)
+  _, compact = np.unique(ref_patients, return_inverse=True)  # ids may be large and sparse
+  hit = np.zeros((len(q64), int(compact.max()) + 1), bool)
   for b, s in _host_sims(q64, refs):
     rows, cols = np.nonzero(s >= tau)
-    hit[rows, ref_patients[b + cols]] = True
+    hit[rows, compact[b + cols]] = True
   return hit.sum(1).astype(np.int32)
 
 
