@@ -70,6 +70,7 @@ def _recipe():
   m.cond = "pseudo"                # uncond | class | pseudo
   m.dtype = "float32"              # activation dtype: float32 | bfloat16 (weights, norms, loss fp32)
   m.dropout = -1.0                 # <0: the preset's value (m: 0.1, others 0)
+  m.channels = 0                   # >0: overrides the preset's base channel count (model_channels)
   m.sigma_data = 0.5
 
   c.diffusion = df = ml_collections.ConfigDict()

@@ -202,8 +202,11 @@ def test_presets_dropout_and_attention_levels():
   assert m.dropout == 0.1 and m.model_channels == 256 and tuple(m.attn_levels) == (2, 3)
   c.model.dropout = 0.0
   assert presets.build_model(c).dropout == 0.0
-  demo = presets.build_model(load_config("demo"))
-  assert tuple(demo.attn_levels) == (2,) and presets.model_input_shape(load_config("demo")) == (32, 32, 1)
+  demo_config = load_config("demo")
+  demo = presets.build_model(demo_config)
+  assert tuple(demo.attn_levels) == (2,) and presets.model_input_shape(demo_config) == (32, 32, 1)
+  demo_config.model.channels = 32  # the base width is overridable from the config
+  assert presets.build_model(demo_config).model_channels == 32
 
 
 def test_cond_dim_and_bad_configs():
