@@ -20,9 +20,11 @@ import time
 import numpy as np
 
 
-def _data(n, m, d, per_patient, seed=0, chunk=65536):
-  """Unit-norm embeddings with patient structure: a patient's images share a centre. Written in
-  chunks so that generating them needs no temporaries of the full size (clean memory figures)."""
+def _data(n, m, d, per_patient, seed=0, chunk=65536, spread=0.7):
+  """Unit-norm embeddings with patient structure: a patient's images share a centre (same-patient
+  similarity about 1 / (1 + spread^2) = 0.67, others about 0), so a query drawn near a centre
+  matches that patient's images at tau = 0.5. Written in chunks so that generating them needs no
+  temporaries of the full size (clean memory figures)."""
   rng = np.random.default_rng(seed)
   n_pat = max(1, m // per_patient)
   centres = rng.standard_normal((n_pat, d), dtype=np.float32)
@@ -31,7 +33,7 @@ def _data(n, m, d, per_patient, seed=0, chunk=65536):
   def draw(owners):
     out = np.empty((len(owners), d), np.float32)
     for a in range(0, len(owners), chunk):
-      x = centres[owners[a:a + chunk]] + 1.5 * rng.standard_normal(
+      x = centres[owners[a:a + chunk]] + spread * rng.standard_normal(
           (len(owners[a:a + chunk]), d), dtype=np.float32)
       out[a:a + chunk] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
