@@ -1,4 +1,5 @@
-"""SmallResNet heads, augmentation properties, the sharded trainer against a 1-device run, orbax."""
+"""SmallResNet heads (embed in the orbax test, logits + GroupNorm in the ten-crop test),
+augmentation properties, the sharded trainer against a 1-device run, orbax."""
 
 import jax
 import jax.numpy as jnp
@@ -17,17 +18,6 @@ def _mesh(n):
 def _spec(head="embed", norm="batch", out_dim=6):
   return cnn.CnnSpec("small_resnet", head, out_dim, image_size=8, channels=1, width=4,
                      blocks=(1, 1), norm=norm)
-
-
-def test_heads():
-  x = jax.random.normal(jax.random.key(0), (5, 8, 8, 1))
-  for head, out_dim, norm in (("embed", 6, "batch"), ("logits", 8, "group")):
-    spec = _spec(head, norm, out_dim)
-    variables = cnn.init_cnn(spec, jax.random.key(1))
-    y = jax.jit(lambda v, x: cnn.build_cnn(spec).apply(v, x, train=False))(variables, x)
-    assert y.shape == (5, out_dim) and y.dtype == jnp.float32
-    if head == "embed":
-      np.testing.assert_allclose(np.linalg.norm(np.asarray(y), axis=1), 1.0, rtol=1e-5)
 
 
 def test_preprocess_grey_and_rgb():
@@ -99,7 +89,10 @@ def test_orbax_round_trip_and_batched_apply(tmp_path):
   model = cnn.build_cnn(spec)
   fn = jax.jit(lambda x: model.apply(restored, cnn.preprocess(x, spec), train=False))
   images = np.random.default_rng(0).integers(0, 256, (11, 8, 8, 1), np.uint8)
-  np.testing.assert_allclose(supervised.apply_batched(fn, images, 4),
+  embeddings = supervised.apply_batched(fn, images, 4)
+  assert embeddings.shape == (11, 6) and embeddings.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)  # embed head
+  np.testing.assert_allclose(embeddings,
                              model.apply(variables, cnn.preprocess(images, spec), train=False),
                              rtol=1e-5, atol=1e-6)
 
