@@ -90,14 +90,15 @@ class Checkpointer:
     """UserError naming the leaves whose shape or structure differ from the checkpoint's."""
     stored = self.manager.item_metadata(step)["state"]
     stored = ocp.tree.to_flat_dict(getattr(stored, "tree", stored))
-    wanted = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=False))
-    stored = {k: tuple(v.shape) for k, v in stored.items() if v is not None}
-    wanted = {k: tuple(v.shape) for k, v in wanted.items()}
+    wanted = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
+    stored = {k: tuple(v.shape) for k, v in stored.items() if hasattr(v, "shape")}
+    wanted = {k: tuple(v.shape) for k, v in wanted.items() if hasattr(v, "shape")}
     name = "/".join
+    order = lambda keys: sorted(keys, key=lambda k: (k[0] != "params", k))  # weights first
     problems = [f"{name(k)}: checkpoint {stored[k]} vs config {wanted[k]}"
-                for k in sorted(set(stored) & set(wanted)) if stored[k] != wanted[k]]
-    problems += [f"{name(k)}: only in the checkpoint" for k in sorted(set(stored) - set(wanted))]
-    problems += [f"{name(k)}: only in this config" for k in sorted(set(wanted) - set(stored))]
+                for k in order(set(stored) & set(wanted)) if stored[k] != wanted[k]]
+    problems += [f"{name(k)}: only in the checkpoint" for k in order(set(stored) - set(wanted))]
+    problems += [f"{name(k)}: only in this config" for k in order(set(wanted) - set(stored))]
     if problems:
       shown = "\n  ".join(problems[:12]) + ("\n  ..." if len(problems) > 12 else "")
       raise UserError(

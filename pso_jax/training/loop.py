@@ -102,6 +102,28 @@ def to_global(batch: dict, mesh) -> dict:
   return {k: jax.make_array_from_process_local_data(s, v) for k, v in batch.items()}
 
 
+class RelocatableSource:
+  """The train split under a repr without its path: grain compares repr(source) when restoring
+  an iterator, and a workdir may be moved or mounted elsewhere between a kill and the resume."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    return self._source[i]
+
+  def __getitems__(self, indices):
+    if hasattr(self._source, "__getitems__"):
+      return self._source.__getitems__(indices)
+    return [self._source[i] for i in indices]
+
+  def __repr__(self):
+    return f"pso_jax train split ({len(self._source)} records)"
+
+
 class BatchStream:
   """The loader iterator, one batch read ahead, whose checkpointed state counts only the batches
   handed to training (so a checkpoint taken while the next batch is prefetched resumes right)."""
@@ -164,7 +186,7 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
   batch_size = int(config.train.batch_size)
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.micro_batch_size(batch_size, int(config.train.grad_accum), mesh)
-  source = load_split(workdir, "train")
+  source = RelocatableSource(load_split(workdir, "train"))
   model = presets.build_model(config)
   os.makedirs(out_dir, exist_ok=True)
   kanon_table = _kanon_table(config, workdir, out_dir)
@@ -214,7 +236,7 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
       state, values = compiled(state, batch, train_key)
       step += 1
       if step < stop_at:  # host reads the next batch while the devices run this step
-        batch = to_global(model_batch(stream.take(), config, kanon_table), mesh)
+        stream.prefetch()
       values = jax.device_get(values)
       window_steps += 1
       bar.update(1)
@@ -239,6 +261,8 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
         ckpt.save(step, state, stream, dict(step=step, nimg=step * batch_size,
                                             config=config.to_dict()))
         last_saved = step
+      if step < stop_at:  # taken after the save: the checkpoint counts `step` batches
+        batch = to_global(model_batch(stream.take(), config, kanon_table), mesh)
     ckpt.wait()
   finally:
     bar.close()

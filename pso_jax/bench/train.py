@@ -1,0 +1,100 @@
+"""Train-step throughput: `python -m pso_jax.bench train --preset=xs --batch=2`.
+
+Prints images/s and the achieved GFLOP/s of the jitted train step (FLOPs from XLA's cost analysis
+of the compiled step / measured time) next to the same machine's matmul GFLOP/s measured in the
+same run, and their ratio. Presets: xs/s/m run at the reference 64x64x4 latents with 2048-d
+pseudo-conditions; demo (32x32x1) and tiny at the phantom's pixel sizes; --channels overrides the
+base width (the "tiny preset" target, 32x32 with 32 channels: --preset=demo --channels=32).
+"""
+
+import argparse
+import importlib.util
+import os
+import time
+
+import jax
+import numpy as np
+
+
+def _config(preset: str, batch: int, dtype: str, accum: int, channels: int = 0):
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  spec = importlib.util.spec_from_file_location("cxr_config", os.path.join(root, "configs", "cxr.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  variant = {"demo": "demo", "tiny": "tiny"}.get(preset, "")
+  config = module.get_config(variant)
+  config.model.preset = preset
+  config.model.dtype = dtype
+  config.train.batch_size = batch
+  config.train.grad_accum = accum
+  if channels:
+    config.model.channels = channels
+  return config
+
+
+def measure(config, *, steps: int, devices=None) -> dict:
+  from pso_jax.models.presets import build_model, model_input_shape
+  from pso_jax.training import mesh as mesh_lib, metrics, sharding, step as step_lib
+  model = build_model(config)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  b = int(config.train.batch_size)
+  mesh_lib.micro_batch_size(b, int(config.train.grad_accum), mesh)
+  state, shardings = sharding.create_sharded(lambda k: step_lib.init_state(model, config, k), mesh,
+                                             int(config.mesh.fsdp_min_size), jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {"x": rng.normal(size=(b, *model_input_shape(config))).astype(np.float32) * 0.5}
+  if model.cond_dim:
+    c = rng.normal(size=(b, model.cond_dim)).astype(np.float32)
+    batch["cond"] = c / np.linalg.norm(c, axis=1, keepdims=True)
+  batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
+  key = jax.random.key(1)
+  with jax.set_mesh(mesh):
+    start = time.perf_counter()
+    step = step_lib.jit_train_step(step_lib.make_train_step(model, config), shardings, mesh) \
+        .lower(state, batch, key).compile()
+    compile_s = time.perf_counter() - start
+    flops = metrics.compiled_flops(step)
+    for _ in range(2):  # warm-up
+      state, m = step(state, batch, key)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      state, m = step(state, batch, key)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - start)
+  best = float(np.median(times))
+  return dict(images_per_s=b / best, step_s=best, gflops=flops / best / 1e9, gflop_per_step=flops / 1e9,
+              compile_s=compile_s, loss=float(m["loss"]), devices=mesh.size)
+
+
+def main(argv):
+  parser = argparse.ArgumentParser(prog="python -m pso_jax.bench train", description=__doc__)
+  parser.add_argument("--preset", default="xs")
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--channels", type=int, default=0, help="override the preset's base channels")
+  parser.add_argument("--grad_accum", type=int, default=1)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--matmul_n", type=int, default=2048)
+  args = parser.parse_args(argv[1:])
+
+  from pso_jax.bench.matmul import matmul_gflops
+  from pso_jax.training import metrics
+  config = _config(args.preset, args.batch, args.dtype, args.grad_accum, args.channels)
+  device = jax.devices()[0]
+  print(f"train bench: preset={args.preset} channels={config.model.channels or 'preset'} "
+        f"batch={args.batch} grad_accum={args.grad_accum} "
+        f"dtype={args.dtype} on {jax.device_count()} x {device.device_kind}", flush=True)
+  r = measure(config, steps=args.steps)
+  mm = matmul_gflops(args.matmul_n) * r["devices"]
+  print(f"  step: {r['step_s'] * 1e3:.1f} ms, {r['images_per_s']:.2f} images/s "
+        f"({r['images_per_s'] / r['devices']:.2f} per device), {r['gflop_per_step']:.2f} GFLOP/step, "
+        f"compile {r['compile_s']:.1f} s")
+  print(f"  achieved: {r['gflops']:.1f} GFLOP/s")
+  print(f"  matmul ({args.matmul_n}^3, same run): {mm:.1f} GFLOP/s")
+  print(f"  ratio train/matmul: {r['gflops'] / mm:.1%}")
+  peak = metrics.peak_flops_per_device(device, args.dtype)
+  if peak:
+    print(f"  MFU vs {device.device_kind} table peak: {r['gflops'] * 1e9 / (peak * r['devices']):.1%}")
+  return r
