@@ -42,3 +42,33 @@ def reference_filelists():
   if not os.path.isdir(path):
     pytest.skip("../shared/data/reference_filelists is not beside this checkout")
   return path
+
+
+TRAINED_STAGES = ("prepare", "train", "train_reid", "train_classifier")
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_workdir(tmp_path_factory):
+  """One tiny workdir through prepare/train/train_reid/train_classifier, built once per test run
+  and shared by all xdist workers (file lock beside pytest's base temp). Read-only: tests that
+  write into it copy it first (`clone_workdir`)."""
+  import fcntl
+  from pso_jax import stages, workdir as workdir_lib
+  root = tmp_path_factory.getbasetemp().parent
+  target = root / "tiny_trained"
+  config = load_config("tiny")
+  with open(root / "tiny_trained.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (target / "READY").exists():
+      workdir_lib.prepare_workdir(str(target), config)
+      for mode in TRAINED_STAGES:
+        stages.get_stage(mode)(config, str(target))
+      (target / "READY").write_text("ok")
+    fcntl.flock(lock, fcntl.LOCK_UN)
+  return config, str(target)
+
+
+def clone_workdir(src: str, dst) -> str:
+  import shutil
+  shutil.copytree(src, str(dst), ignore=shutil.ignore_patterns("READY"))
+  return str(dst)
