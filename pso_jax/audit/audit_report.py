@@ -102,7 +102,9 @@ def page(result: dict, shown: list) -> str:
       f"<p>{html.verdict(s['verdict'] == 'pass', 'PASS', 'FAIL')} &nbsp; residual risk "
       f"{html.fmt_ci(risk['value'], [risk['low'], risk['high']])} ({html.esc(s['verdict_rule'])}). "
       f"Cohen-Nissim baseline at the weight bound {html.fmt(s['weight_bound'], 5)}: "
-      f"{html.fmt(s['baseline_at_weight_bound'])}.</p>"
+      f"{html.fmt(s['baseline_at_weight_bound'])} (the chance that a fixed predicate of that "
+      "weight isolates one training patient: why only predicates of negligible weight count, "
+      "and why the control, not the baseline, is the reference).</p>"
       + "".join(f"<p class='muted'>{html.esc(w)}</p>" for w in s["warnings"])))
   body += html.section("Rates (Wilson 95% intervals)", html.table(
       ["", "rate", "centre [95% CI]", "count"], rows) + (
@@ -119,6 +121,9 @@ def page(result: dict, shown: list) -> str:
         f"<p>{html.verdict(c['all_flagged'], 'every canary flagged', 'canaries missed')}: "
         f"{c['named']} / {c['n']} named with their patient, {c['singled_out']} / {c['n']} "
         "singled out.</p>" + html.table(
+            ["kind", "planted", "named", "singled out"],
+            [[k, v["n"], v["named"], v["singled_out"]] for k, v in c["by_kind"].items()])
+        + html.table(
             ["row", "kind", "patient", "named", "singled out", "similarity"],
             [[r["position"], r["kind"], html.esc(r["patient"]), html.fmt(r["named"]),
               html.fmt(r["singled_out"]), html.fmt(r["similarity"])] for r in c["rows"][:50]])))

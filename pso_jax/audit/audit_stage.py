@@ -199,7 +199,11 @@ def check_canaries(result: dict, canaries: canaries_lib.Canaries) -> dict:
                  "named": e["nearest_patient"] == str(patient) and e["reidentified"],
                  "singled_out": e["singles_out"], "similarity": e["similarity"]})
   n = len(rows)
-  return {"n": n, "named": sum(r["named"] for r in rows),
+  by_kind = {k: {"n": sum(r["kind"] == k for r in rows),
+                 "named": sum(r["named"] for r in rows if r["kind"] == k),
+                 "singled_out": sum(r["singled_out"] for r in rows if r["kind"] == k)}
+             for k in canaries_lib.KINDS}
+  return {"n": n, "named": sum(r["named"] for r in rows), "by_kind": by_kind,
           "singled_out": sum(r["singled_out"] for r in rows),
           "all_flagged": n > 0 and all(r["named"] and r["singled_out"] for r in rows),
           "rows": rows}
