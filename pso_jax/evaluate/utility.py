@@ -15,18 +15,18 @@ import numpy as np
 UNDEFINED = "undefined"
 
 
-def weighted_auc(scores, labels, weights=None) -> np.ndarray:
-  """AUC of `scores` for binary `labels` under item weights [R, n] (one row per resample).
-
-  Returns [R] (NaN where a resample has no positive or no negative weight); a 1-d result of
-  length 1 when `weights` is None.
-  """
+def _rank(scores, labels):
+  """(order, tie-group starts, labels in score order): the one sort every resample shares."""
   scores = np.asarray(scores, np.float64).ravel()
   labels = np.asarray(labels).ravel().astype(bool)
-  weights = np.ones((1, scores.size)) if weights is None else np.atleast_2d(weights)
   order = np.argsort(scores, kind="stable")
-  s, pos, w = scores[order], labels[order], weights[:, order].astype(np.float64)
-  starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # tie groups in ascending order
+  s = scores[order]
+  starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if s.size else np.zeros(0, int)
+  return order, starts, labels[order]
+
+
+def _auc_ranked(starts, pos, w) -> np.ndarray:
+  """AUC per row of weights `w` [R, n] given in score order (ties count one half)."""
   pos_g = np.add.reduceat(w * pos, starts, axis=1)
   neg_g = np.add.reduceat(w * ~pos, starts, axis=1)
   neg_below = np.cumsum(neg_g, axis=1) - neg_g
@@ -34,6 +34,19 @@ def weighted_auc(scores, labels, weights=None) -> np.ndarray:
   with np.errstate(invalid="ignore", divide="ignore"):
     auc = (pos_g * (neg_below + 0.5 * neg_g)).sum(1) / (n_pos * n_neg)
   return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def weighted_auc(scores, labels, weights=None) -> np.ndarray:
+  """AUC of `scores` for binary `labels` under item weights [R, n] (one row per resample).
+
+  Returns [R] (NaN where a resample has no positive or no negative weight); a 1-d result of
+  length 1 when `weights` is None.
+  """
+  order, starts, pos = _rank(scores, labels)
+  if pos.size == 0:
+    return np.full(1 if weights is None else len(np.atleast_2d(weights)), np.nan)
+  w = np.ones((1, pos.size)) if weights is None else np.atleast_2d(weights)[:, order]
+  return _auc_ranked(starts, pos, w.astype(np.float64))
 
 
 def roc_auc(scores, labels) -> Optional[float]:
@@ -45,14 +58,13 @@ def roc_auc(scores, labels) -> Optional[float]:
 def bootstrap_weights(n: int, resamples: int, seed: int, strata=None) -> np.ndarray:
   """[R, n] draw counts of `resamples` bootstrap resamples of n items (within each stratum)."""
   rng = np.random.default_rng(seed)
-  if strata is None:
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
-  strata = np.asarray(strata)
+  strata = np.zeros(n, int) if strata is None else np.asarray(strata)
   weights = np.zeros((resamples, n))
   for value in np.unique(strata):
     members = np.flatnonzero(strata == value)
-    weights[:, members] = rng.multinomial(members.size, np.full(members.size, 1.0 / members.size),
-                                          size=resamples)
+    for r in range(resamples):  # draw |members| items with replacement, count the draws
+      weights[r, members] = np.bincount(rng.integers(0, members.size, members.size),
+                                        minlength=members.size)
   return weights
 
 
@@ -65,11 +77,18 @@ def percentile_ci(values, level: float = 0.95) -> Optional[list]:
   return [float(np.percentile(values, half)), float(np.percentile(values, 100 - half))]
 
 
-def auc_with_ci(scores, labels, resamples: int, seed: int, chunk: int = 100) -> dict:
+def _chunk_rows(n: int, cap: int = 100, budget: int = 5_000_000) -> int:
+  """Resamples per chunk so a chunk's [R, n] float64 arrays stay near `budget` elements."""
+  return max(1, min(cap, budget // max(n, 1)))
+
+
+def auc_with_ci(scores, labels, resamples: int, seed: int) -> dict:
   """AUC and its stratified bootstrap 95% CI (positives and negatives resampled separately)."""
   labels = np.asarray(labels).astype(bool)
-  boots = [weighted_auc(scores, labels, bootstrap_weights(labels.size, r, seed + i, labels))
-           for i, r in enumerate(_chunks(resamples, chunk))]
+  _, starts, pos = _rank(scores, labels)
+  # resampling is exchangeable within each class, so weights are drawn directly in score order
+  boots = [_auc_ranked(starts, pos, bootstrap_weights(pos.size, r, seed + i, pos))
+           for i, r in enumerate(_chunks(resamples, _chunk_rows(pos.size)))]
   return {"auc": roc_auc(scores, labels), "auc_ci": percentile_ci(np.concatenate(boots or [[]])),
           "bootstrap": int(resamples)}
 
@@ -93,7 +112,7 @@ def _check_inputs(probs, labels, findings):
 
 
 def utility_report(probs_by_model: dict, labels, findings: Sequence[str], *, resamples: int,
-                   seed: int = 0, chunk: int = 100) -> dict:
+                   seed: int = 0) -> dict:
   """Per-finding and mean AUROC with bootstrap 95% CIs for each model, on the same test images.
 
   `probs_by_model`: {"real": [N, C], "synthetic": [N, C], ...}. A finding whose test labels have
@@ -105,6 +124,7 @@ def utility_report(probs_by_model: dict, labels, findings: Sequence[str], *, res
   checked = {name: _check_inputs(p, labels, findings) for name, p in probs_by_model.items()}
   labels = next(iter(checked.values()))[1]
   n = labels.shape[0]
+  chunk = _chunk_rows(n)
   defined = np.array([0 < labels[:, c].sum() < n for c in range(labels.shape[1])])
   notes = [f"{f}: AUROC undefined (test set has {'no positives' if labels[:, c].sum() == 0 else 'no negatives'}); "
            "excluded from the mean" for c, f in enumerate(findings) if not defined[c]]
