@@ -51,6 +51,7 @@ def test_canaries_flagged_and_named_unseen_real_not(phantom_sets, tmp_path):
                                     out_dir=str(out))
   c = result["canaries"]
   assert c["all_flagged"] and c["named"] == 12 and c["singled_out"] == 12
+  assert all(v["n"] == 3 and v["named"] == v["singled_out"] == 3 for v in c["by_kind"].values())
   ev = result["evidence"]
   flagged = {e["index"] for e in ev if e["singles_out"]}
   assert flagged == set(planted.position.tolist())
