@@ -73,12 +73,14 @@ def test_knn_equals_numpy_and_faiss_on_1_and_8_devices(data):
   index.add(r)
   f_sims, f_idx = index.search(q, k)
   runs = {}
-  for name, mesh, ring in [("1dev", _mesh1(), False), ("8dev", None, False), ("ring", None, True)]:
+  mesh2 = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  for name, mesh, ring in [("1dev", _mesh1(), False), ("8dev", None, False), ("ring", None, True),
+                           ("data x fsdp ring", mesh2, True)]:
     sims, idx = pairwise.knn(q, r, k, query_block=16, ref_block=512, mesh=mesh, ring=ring)
     _assert_topk_matches(sims, idx, q, r, k)
     np.testing.assert_allclose(sims, f_sims, atol=1e-5)
     runs[name] = (sims, idx)
-  for name in ("8dev", "ring"):
+  for name in ("8dev", "ring", "data x fsdp ring"):
     np.testing.assert_array_equal(runs[name][0], runs["1dev"][0])
     np.testing.assert_array_equal(runs[name][1], runs["1dev"][1])
   same = (np.sort(runs["1dev"][1], 1) == np.sort(f_idx, 1)).mean()
