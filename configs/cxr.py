@@ -147,6 +147,8 @@ def _recipe():
   cl.norm = "batch"
   cl.crop_min_scale = 0.08         # random resized crop area in [this, 1] (torchvision default)
   cl.eval_every = 0                # val loss every this many steps (0: once per epoch)
+  cl.plateau_patience = 5          # lr x plateau_factor after this many evals without improvement (<0: off)
+  cl.plateau_factor = 0.1          # reference: ReduceLROnPlateau(factor 0.1, patience 5) on val loss
   cl.batch_size = 16
   cl.lr = 1e-4
   cl.weight_decay = 1e-5
@@ -248,6 +250,7 @@ def _demo(c):
   c.classifier.weight_decay = 1e-5
   c.classifier.steps = 800
   c.classifier.ten_crop_test = False
+  c.classifier.plateau_patience = -1  # val sets of ~100 images are too noisy to schedule on
   c.sample.steps = 16
   c.sample.batch_size = 128
   c.select.n_candidates = 4

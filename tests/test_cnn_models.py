@@ -113,3 +113,17 @@ def test_ten_crop_prediction_is_the_mean_over_explicit_crops():
     crop = big[:, y:y + 8, x:x + 8]
     probs += [apply(crop), apply(np.flip(crop, axis=2).copy())]
   np.testing.assert_allclose(got, np.mean(probs, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_plateau_matches_torch_reduce_lr_on_plateau():
+  torch = pytest.importorskip("torch")
+  values = [1.0, 0.9, 0.95, 0.9, 0.91, 0.92, 0.93, 0.94, 0.95, 0.8, 0.8, 0.81, 0.82, 0.83, 0.84,
+            0.85, 0.86, 0.87, 0.88, 0.89, 0.7]
+  opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1.0)
+  sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1, patience=2,
+                                                     threshold=1e-4)
+  ours = supervised.Plateau(patience=2, factor=0.1)
+  for v in values:
+    sched.step(v)
+    assert ours.update(v) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+  assert ours.scale < 1e-2  # the sequence did trigger reductions

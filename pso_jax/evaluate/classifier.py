@@ -164,7 +164,9 @@ def train_classifier(config, train_images, train_labels, val_images, val_labels,
       sampler=make_sampler(train_images, train_labels, section.batch_size, config.seed),
       steps=steps, key=k_train, mesh=supervised.get_mesh(config), desc="classifier",
       val_fn=make_val_fn(model, spec, val_images, val_labels, 4 * section.batch_size),
-      eval_every=section.eval_every or per_epoch, log_every=max(1, min(50, steps // 10)))
+      eval_every=section.eval_every or per_epoch, log_every=max(1, min(50, steps // 10)),
+      plateau=(supervised.Plateau(int(section.plateau_patience), float(section.plateau_factor))
+               if section.plateau_patience >= 0 else None))
   supervised.save_variables(checkpoint_dir(out_dir, "best"), fitted.best_variables)
   supervised.save_variables(checkpoint_dir(out_dir, "final"), fitted.variables)
   supervised.write_history(os.path.join(out_dir, "metrics.jsonl"), fitted.history)

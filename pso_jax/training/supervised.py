@@ -35,10 +35,32 @@ class TrainState:
   params: Any
   model_state: Any  # non-trained collections (BatchNorm statistics); {} when there are none
   opt_state: Any
+  lr_scale: jax.Array  # multiplies the optimizer's updates (= its learning rate, for Adam)
 
   @property
   def variables(self) -> dict:
     return {"params": self.params, **self.model_state}
+
+
+@dataclasses.dataclass
+class Plateau:
+  """torch's ReduceLROnPlateau (mode min, relative threshold): the learning rate is multiplied by
+  `factor` once the validation value has not improved for more than `patience` evaluations."""
+  patience: int
+  factor: float = 0.1
+  threshold: float = 1e-4
+  best: float = float("inf")
+  bad: int = 0
+  scale: float = 1.0
+
+  def update(self, value: float) -> float:
+    if value < self.best * (1 - self.threshold):
+      self.best, self.bad = value, 0
+    else:
+      self.bad += 1
+      if self.bad > self.patience:
+        self.scale, self.bad = self.scale * self.factor, 0
+    return self.scale
 
 
 @dataclasses.dataclass
@@ -76,7 +98,7 @@ def create_state(variables: dict, optimizer) -> TrainState:
   variables = dict(variables)
   params = variables.pop("params")
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                    opt_state=optimizer.init(params))
+                    opt_state=optimizer.init(params), lr_scale=jnp.ones((), jnp.float32))
 
 
 def to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -101,6 +123,7 @@ def make_train_step(model, optimizer, inputs_fn: Callable, loss_fn: Callable, me
 
     (loss, (updates, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     deltas, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    deltas = jax.tree.map(lambda d: d * state.lr_scale, deltas)
     state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, deltas),
                           model_state={**state.model_state, **updates}, opt_state=opt_state)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
@@ -113,8 +136,9 @@ def make_train_step(model, optimizer, inputs_fn: Callable, loss_fn: Callable, me
 def fit(*, model, variables: dict, optimizer, inputs_fn: Callable, loss_fn: Callable,
         sampler: Callable[[int], dict], steps: int, key, mesh, desc: str = "train",
         val_fn: Optional[Callable[[dict], float]] = None, eval_every: int = 0,
-        log_every: int = 50) -> FitResult:
-  """Runs `steps` train steps; evaluates `val_fn` every `eval_every` steps and at the end."""
+        log_every: int = 50, plateau: Optional[Plateau] = None) -> FitResult:
+  """Runs `steps` train steps; evaluates `val_fn` every `eval_every` steps and at the end
+  (and lowers the learning rate on a plateau of the validation value when `plateau` is given)."""
   batch_size = len(sampler(0)["image"])
   n_data = mesh.shape["data"]
   if batch_size % n_data:
@@ -137,9 +161,13 @@ def fit(*, model, variables: dict, optimizer, inputs_fn: Callable, loss_fn: Call
         pbar.set_postfix(loss=f"{entry['loss']:.4f}")
       if val_fn is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
         value = float(val_fn(state.variables))
-        history.append({"step": step + 1, "val": value})
+        entry = {"step": step + 1, "val": value}
         if best[0] is None or value < best[0]:
           best = (value, step + 1, jax.device_get(state.variables))
+        if plateau is not None:
+          entry["lr_scale"] = plateau.update(value)
+          state = state.replace(lr_scale=jax.device_put(jnp.float32(entry["lr_scale"]), replicated))
+        history.append(entry)
       pbar.update(1)
   final = jax.device_get(state.variables)
   if best[2] is None:
