@@ -140,3 +140,22 @@ def test_supcon_loss_matches_numpy():
       losses.append(-log_prob[pos].mean())
   assert float(loss) == pytest.approx(np.mean(losses), rel=1e-5)
   assert float(metrics["top1"]) == pytest.approx(np.mean(hits))
+
+
+def test_reid_bad_splits_fail_before_training():
+  from pso_jax.audit import reid_train
+  from tests.conftest import load_config
+  section = load_config("tiny").reid
+
+  def split(*patients):
+    return {"image": np.zeros((len(patients), 4, 4, 1), np.uint8), "patient_id": np.array(patients)}
+
+  good = {"train": split("a", "a", "b"), "val": split("c", "c", "d"), "test": split("e", "e", "f")}
+  reid_train.check_splits(good, section)
+  with pytest.raises(UserError, match="share 1 patients"):
+    reid_train.check_splits(dict(good, test=split("a", "e", "e")), section)
+  with pytest.raises(UserError, match="the val split has 3 patients with at most 1"):
+    reid_train.check_splits(dict(good, val=split("c", "d", "g")), section)
+  section.tau_mode = "median"
+  with pytest.raises(UserError, match="tau_mode"):
+    reid_train.check_splits(good, section)

@@ -65,10 +65,6 @@ def verification_metrics(model: reid.ReidModel, images, patient_ids, *, max_pair
                          target_fpr: float = 1e-3) -> dict:
   """Pair AUC with bootstrap CI, and TPR/FPR at tau (calibrated here when tau is None)."""
   i, j, same = reid.make_pairs(patient_ids, max_pairs, seed)
-  if not same.any() or same.all():
-    raise UserError(f"{len(set(patient_ids))} patients with {len(patient_ids)} images give no "
-                    "same-patient (or no different-patient) pairs; each split needs patients "
-                    "with at least two scans")
   sims = reid.pair_similarities(model.embed(images), i, j)
   if tau is None:
     tau = reid.calibrate_tau(sims, same, mode, target_fpr)
@@ -78,10 +74,8 @@ def verification_metrics(model: reid.ReidModel, images, patient_ids, *, max_pair
           "n_patients": int(len(set(patient_ids)))}
 
 
-def train_reid(config, splits: dict, out_dir: str, key=None) -> dict:
-  """Trains, checkpoints and calibrates the embedder; `splits[name]` = {"image", "patient_id"}
-  for train, val and test. Returns the result written to reid.json."""
-  section = config.reid
+def check_splits(splits: dict, section) -> None:
+  """Patient-disjoint train/val/test, each able to form same- and different-patient pairs."""
   for name in ("train", "val", "test"):
     if name not in splits:
       raise UserError(f"re-id training needs the {name} split")
@@ -94,6 +88,22 @@ def train_reid(config, splits: dict, out_dir: str, key=None) -> dict:
                         f"{sorted(shared)[0]!r}); re-id calibration needs patient-disjoint splits: "
                         "rerun --mode=prepare")
     seen[name] = np.asarray(splits[name]["patient_id"]).tolist()
+    counts = np.unique(seen[name], return_counts=True)[1]
+    if len(counts) < 2 or counts.max() < 2:
+      raise UserError(f"the {name} split has {len(counts)} patients with at most "
+                      f"{counts.max() if len(counts) else 0} images each: re-id needs at least two "
+                      "patients and one patient with two or more scans per split (use more patients "
+                      "or scans per patient)")
+  if section.tau_mode not in reid.TAU_MODES:
+    raise UserError(f"config.reid.tau_mode must be one of {reid.TAU_MODES}, "
+                    f"got {section.tau_mode!r}")
+
+
+def train_reid(config, splits: dict, out_dir: str, key=None) -> dict:
+  """Trains, checkpoints and calibrates the embedder; `splits[name]` = {"image", "patient_id"}
+  for train, val and test. Returns the result written to reid.json."""
+  section = config.reid
+  check_splits(splits, section)
   train = splits["train"]
   images = np.asarray(train["image"])
   spec = cnn.spec_from_config(section, head="embed", out_dim=section.embed_dim,
@@ -141,9 +151,6 @@ def run(config, workdir: str, **_) -> dict:
   done = os.path.join(out_dir, "COMPLETE")
   if os.path.exists(done):
     return io_utils.read_json(os.path.join(out_dir, reid.RESULT_FILE))
-  if config.reid.tau_mode not in reid.TAU_MODES:
-    raise UserError(f"config.reid.tau_mode must be one of {reid.TAU_MODES}, "
-                    f"got {config.reid.tau_mode!r}")
   return train_and_write(config, load_splits(workdir), out_dir)
 
 
