@@ -42,9 +42,10 @@ def _write_cxr14(root) -> list[tuple[str, np.ndarray]]:
   return rows
 
 
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("cxr14"))
+@pytest.mark.slow
+def test_reference_recipe_end_to_end(tmp_path):
+  """One test, so pytest-xdist never prepares the dataset twice."""
+  root = str(tmp_path)
   rows = _write_cxr14(root)
   random_weights.write_vae_folder(os.path.join(root, "vae"), block_out_channels=(8, 8, 16, 16))
   random_weights.write_torchvision("resnet50", os.path.join(root, "resnet50.safetensors"))
@@ -65,11 +66,20 @@ def recipe(tmp_path_factory):
   workdir = os.path.join(root, "run")
   workdir_lib.prepare_workdir(workdir, config)
   summary = stages.get_stage("prepare")(config, workdir)
-  return config, workdir, root, rows, summary
+  check_prepared(config, workdir, root, rows)
+  assert stages.get_stage("prepare")(config, workdir) == summary  # a rerun returns at once
+
+  if importlib.util.find_spec("pso_jax.training.loop") is None:
+    pytest.skip("prepare checked; the train stage is not built yet")
+  stages.get_stage("train")(config, workdir)
+  assert os.path.exists(os.path.join(workdir, "diffusion", "COMPLETE"))
+  sample = stages.get_stage("sample")(config, workdir)
+  assert sample["images"] >= 1
+  grid = np.asarray(Image.open(os.path.join(workdir, "samples", "grid.png")))
+  assert grid.shape[0] > SIZE and grid.std() > 0
 
 
-def test_prepare_with_ported_vae_and_resnet50(recipe):
-  config, workdir, root, rows, _ = recipe
+def check_prepared(config, workdir, root, rows):
   splits = {s: dataset.load_arrays(workdir, s, ("image", "latent", "feature", "path"))
             for s in ("train", "val", "test")}
   assert sum(len(s["path"]) for s in splits.values()) == len(rows)  # one finding each: all kept
@@ -85,18 +95,3 @@ def test_prepare_with_ported_vae_and_resnet50(recipe):
   # decode brings the stored latents back to 512 px images through the same VAE
   images = vae_latents.decode_latents(config, train["latent"][:2])
   assert images.shape == (2, SIZE, SIZE, 3) and images.dtype == np.uint8
-  # a rerun returns at once
-  assert stages.get_stage("prepare")(config, workdir) == recipe[4]
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("pso_jax.training.loop") is None,
-                    reason="the train stage is not built yet")
-def test_xs_trains_and_samples_on_the_latents(recipe):
-  config, workdir, *_ = recipe
-  summary = stages.get_stage("train")(config, workdir)
-  assert os.path.exists(os.path.join(workdir, "diffusion", "COMPLETE")), summary
-  sample = stages.get_stage("sample")(config, workdir)
-  assert sample["images"] >= 1
-  grid = np.asarray(Image.open(os.path.join(workdir, "samples", "grid.png")))
-  assert grid.shape[0] > SIZE and grid.std() > 0

@@ -6,7 +6,6 @@ and state-dict layout (the loaders see exactly what a torchvision checkpoint hol
 """
 
 import collections
-import os
 
 import numpy as np
 import pytest

@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from conftest import load_config
 from pso_jax.errors import UserError
-from pso_jax.models import sd_vae, torchvision_nets, weights
+from pso_jax.models import sd_vae, torchvision_nets
 from pso_jax.tools import convert, random_weights
 
 TINY_VAE = {"_class_name": "AutoencoderKL", "block_out_channels": [8, 16], "latent_channels": 4,
