@@ -53,6 +53,13 @@ def test_torch_names_and_layouts_map_exactly(tmp_path):
   np.testing.assert_array_equal(v["params"]["layer2_0"]["downsample_1"]["scale"],
                                 state["layer2.0.downsample.1.weight"])
   np.testing.assert_array_equal(v["batch_stats"]["layer3_5"]["bn2"]["var"], state["layer3.5.bn2.running_var"])
+  # half-precision files (e.g. `*.fp16.safetensors` downloads) are widened to float32
+  save_file({k: a.astype(np.float16) for k, a in state.items()}, path)
+  _, half = torchvision_nets.load("resnet50", path)
+  assert half["params"]["conv1"]["kernel"].dtype == np.float32
+  np.testing.assert_array_equal(half["params"]["layer1_0"]["conv2"]["kernel"],
+                                v["params"]["layer1_0"]["conv2"]["kernel"].astype(np.float16).astype(np.float32))
+  save_file(state, path)
   # DataParallel / SwAV wrappers: `module.` prefix and projection head are handled
   wrapped = {"module." + k: a for k, a in state.items() if not k.startswith("fc.")}
   wrapped["module.projection_head.0.weight"] = np.zeros((8, 2048), np.float32)
