@@ -98,6 +98,7 @@ def test_orbax_round_trip_and_batched_apply(tmp_path):
 
 
 def test_ten_crop_prediction_is_the_mean_over_explicit_crops():
+  """Classifier.predict (batch split over the 8 devices) against explicit 1-device crops."""
   from pso_jax.evaluate.classifier import Classifier
   spec = cnn.CnnSpec("small_resnet", "logits", 8, image_size=8, channels=1, width=4,
                      blocks=(1,), norm="group")

@@ -140,7 +140,9 @@ class ReidModel:
     model, spec = cnn.build_cnn(self.spec), self.spec
     # weights as an argument, not a closure: big nets would otherwise be baked into the program
     apply = jax.jit(lambda v, x: model.apply(v, cnn.preprocess(x, spec), train=False))
-    self._apply = functools.partial(apply, jax.device_put(self.variables))
+    self._sharding = supervised.local_data_sharding()  # batches split over the local devices
+    replicated = jax.sharding.NamedSharding(self._sharding.mesh, jax.sharding.PartitionSpec())
+    self._apply = functools.partial(apply, jax.device_put(self.variables, replicated))
 
   @property
   def embed_dim(self) -> int:
@@ -151,7 +153,8 @@ class ReidModel:
     if images.ndim != 4 or images.shape[-1] != self.spec.channels:
       raise UserError(f"re-id model expects uint8 images [N, H, W, {self.spec.channels}], got "
                       f"{images.dtype} {images.shape}")
-    return supervised.apply_batched(self._apply, images, self.batch_size).astype(np.float32)
+    return supervised.apply_batched(self._apply, images, self.batch_size,
+                                    self._sharding).astype(np.float32)
 
 
 def checkpoint_dir(out_dir: str) -> str:

@@ -124,14 +124,17 @@ class Classifier:
       p = jax.nn.sigmoid(model.apply(variables, cnn.normalise(flat, spec), train=False))
       return jnp.mean(p.reshape(10, -1, p.shape[-1]), axis=0)
 
-    self._probs = functools.partial(jax.jit(probs), jax.device_put(self.variables))
+    self._sharding = supervised.local_data_sharding()  # batches split over the local devices
+    replicated = jax.sharding.NamedSharding(self._sharding.mesh, jax.sharding.PartitionSpec())
+    self._probs = functools.partial(jax.jit(probs), jax.device_put(self.variables, replicated))
 
   def predict(self, images) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != self.spec.channels:
       raise UserError(f"classifier expects uint8 images [N, H, W, {self.spec.channels}], got "
                       f"{images.dtype} {images.shape}")
-    return supervised.apply_batched(self._probs, images, self.batch_size).astype(np.float32)
+    return supervised.apply_batched(self._probs, images, self.batch_size,
+                                    self._sharding).astype(np.float32)
 
 
 def checkpoint_dir(out_dir: str, which: str = "best") -> str:

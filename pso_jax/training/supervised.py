@@ -200,18 +200,29 @@ def write_history(path: str, history: list) -> None:
     io_utils.write_text(path, "".join(json.dumps(h) + "\n" for h in history))
 
 
-def apply_batched(fn: Callable, images: np.ndarray, batch_size: int) -> np.ndarray:
-  """`fn` (jitted, on a fixed batch shape so it compiles once) over `images` in batches; the last
-  batch is padded with copies of the first image and the padding dropped."""
+def local_data_sharding() -> NamedSharding:
+  """Batch split over this process's devices (inference: every process embeds its own images)."""
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
+  return NamedSharding(mesh, P("data"))
+
+
+def apply_batched(fn: Callable, images: np.ndarray, batch_size: int,
+                  sharding: Optional[NamedSharding] = None) -> np.ndarray:
+  """`fn` (jitted, on a fixed batch shape so it compiles once) over `images` in batches, each
+  split over `sharding`'s devices when given; the last batch is padded with copies of the first
+  image and the padding dropped."""
   images = np.asarray(images)
   if len(images) == 0:
     raise UserError("no images to run the network on (empty input)")
-  batch_size = min(batch_size, len(images))
+  n_dev = 1 if sharding is None else sharding.mesh.size
+  batch_size = -(-min(batch_size, len(images)) // n_dev) * n_dev
   outputs = []
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size]
     n = len(chunk)
     if n < batch_size:
       chunk = np.concatenate([chunk, np.repeat(images[:1], batch_size - n, axis=0)])
+    if sharding is not None:
+      chunk = jax.device_put(chunk, sharding)
     outputs.append(np.asarray(jax.device_get(fn(chunk)))[:n])
   return np.concatenate(outputs)
