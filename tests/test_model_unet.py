@@ -141,6 +141,8 @@ def test_conditioning_null_is_zeros_and_changes_output(tiny):
   d_none = apply(v, x, None)
   np.testing.assert_array_equal(d_none, apply(v, x, jnp.zeros_like(cond)))
   assert float(jnp.max(jnp.abs(apply(v, x, cond) - d_none))) > 1e-3
+  with pytest.raises(ValueError, match="condition of shape"):
+    apply(v, x, cond[:, :3])
 
 
 def test_uncond_model_under_jit_any_batch_matches_per_image():

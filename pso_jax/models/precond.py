@@ -49,11 +49,15 @@ class Precond(nn.Module):
     x = x.astype(jnp.float32)
     batch = x.shape[0]
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32).reshape(-1), (batch,))
-    if self.cond_dim:
-      cond = (jnp.zeros((batch, self.cond_dim), jnp.float32) if cond is None
-              else jnp.asarray(cond, jnp.float32).reshape(batch, self.cond_dim))
+    if self.cond_dim and cond is None:
+      cond = jnp.zeros((batch, self.cond_dim), jnp.float32)
+    elif self.cond_dim:
+      if cond.shape != (batch, self.cond_dim):
+        raise ValueError(f"condition of shape {cond.shape} given to a model conditioned on "
+                         f"[batch={batch}, {self.cond_dim}] vectors")
+      cond = jnp.asarray(cond, jnp.float32)
     else:
-      cond = None
+      cond = None  # an unconditional model ignores any condition
     c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, self.sigma_data)
     per_image = lambda c: c[:, None, None, None]
 
