@@ -44,7 +44,10 @@ def test_reid_stage(trained):
     iu = np.triu_indices(len(emb), 1)
     same = (data["patient_id"][:, None] == data["patient_id"][None, :])[iu]
     assert metrics["auc"] == pytest.approx(roc_auc_score(same, sims[iu]), abs=1e-5)
-    assert metrics["fpr"] == pytest.approx(np.mean(sims[iu][~same] >= model.tau), abs=1e-3)
+    # tau sits a float32 ulp above a negative pair's similarity (its FPR boundary), so a pair at
+    # the boundary may flip with the summation order: bracket the FPR with a 1e-5 margin
+    neg = sims[iu][~same]
+    assert np.mean(neg >= model.tau + 1e-5) <= metrics["fpr"] <= np.mean(neg >= model.tau - 1e-5)
     lo, hi = metrics["auc_ci"]
     assert lo <= metrics["auc"] <= hi
   assert result["val"]["fpr"] <= config.reid.target_fpr  # calibrated on val at the target FPR
