@@ -106,10 +106,11 @@ def test_tau_at_target_fpr_gives_that_fpr(target):
   tau = reid.calibrate_tau(sims, same, "fpr", target)
   fpr = reid.rates_at(sims, same, tau)["fpr"]
   assert fpr == int(np.floor(target * 3000 + 1e-9)) / 3000 <= target
-  # the lowest such threshold: the next lower negative similarity would exceed the target
+  # the lowest such threshold up to the margin: the next lower negative would exceed the target
   neg = np.sort(sims[~same])[::-1]
   below = neg[neg < np.float32(tau)][0]
   assert np.mean(sims[~same] >= below) > target
+  assert 0 < tau - below <= reid.TAU_MARGIN * 1.01
 
 
 def test_tau_prob05_is_the_balanced_crossing():

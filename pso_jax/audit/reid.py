@@ -83,8 +83,14 @@ def pair_similarities(embeddings, i, j, chunk: int = 1 << 18) -> np.ndarray:
                          for s in range(0, len(i), chunk)] or [np.zeros(0, np.float32)])
 
 
+TAU_MARGIN = 1e-5  # above float32 summation-order noise of a d <= 2048 dot product
+
+
 def tau_at_fpr(negative_sims, target_fpr: float) -> float:
-  """Lowest float32 threshold t with mean(negative_sims >= t) <= target_fpr."""
+  """Threshold t with mean(negative_sims >= t) <= target_fpr, just above the highest negative
+  similarity it must reject: by TAU_MARGIN (or half-way to the next higher negative when that is
+  closer), so that a similarity recomputed in another summation order (the audit's kernel)
+  does not cross it."""
   neg = np.sort(np.asarray(negative_sims, np.float32))[::-1]
   if neg.size == 0:
     raise UserError("no different-patient pairs to calibrate tau on; the validation split needs "
@@ -92,7 +98,13 @@ def tau_at_fpr(negative_sims, target_fpr: float) -> float:
   allowed = int(np.floor(target_fpr * neg.size + 1e-9))
   if allowed >= neg.size:
     return float(neg[-1])
-  return float(np.nextafter(neg[allowed], np.float32(np.inf)))
+  rejected = float(neg[allowed])
+  higher = neg[:allowed][neg[:allowed] > neg[allowed]]
+  tau = rejected + TAU_MARGIN
+  if higher.size:
+    tau = min(tau, (rejected + float(higher[-1])) / 2)
+  tau = np.float32(tau)
+  return float(max(tau, np.nextafter(np.float32(rejected), np.float32(np.inf))))
 
 
 def tau_prob05(sims, same) -> float:
