@@ -66,6 +66,20 @@ def tiny():
   return config, model, variables
 
 
+@pytest.fixture(scope="module")
+def tiny_apply(tiny):
+  """One jitted apply of the tiny pseudo-conditioned model, shared by tests (one compile per shape)."""
+  _, model, _ = tiny
+  return jax.jit(lambda v, x, s, c: model.apply(v, x, s, c))
+
+
+def _with_gains(variables, value):
+  """The variables with every scalar gain (emb_gain, out_gain; 0 at init) set to `value`."""
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, w: w if is_mp_weight(p) else jnp.full_like(w, value), variables["params"])
+  return {**variables, "params": params}
+
+
 def _batch(config, n, seed=1):
   shape = (n,) + presets.model_input_shape(config)
   x = jax.random.normal(jax.random.key(seed), shape)
@@ -73,12 +87,12 @@ def _batch(config, n, seed=1):
   return x, cond / jnp.linalg.norm(cond, axis=1, keepdims=True)
 
 
-def test_init_output_is_skip_only_and_weights_are_projected(tiny):
-  config, model, variables = tiny
-  x, cond = _batch(config, 3)
-  sigma = jnp.array([0.1, 1.0, 20.0])
-  d, logvar = jax.jit(lambda v, x, s, c: model.apply(v, x, s, c))(variables, x, sigma, cond)
-  assert d.dtype == jnp.float32 and d.shape == x.shape and logvar.shape == (3,)
+def test_init_output_is_skip_only_and_weights_are_projected(tiny, tiny_apply):
+  config, _, variables = tiny
+  x, cond = _batch(config, 4)
+  sigma = jnp.array([0.1, 1.0, 3.0, 20.0])
+  d, logvar = tiny_apply(variables, x, sigma, cond)
+  assert d.dtype == jnp.float32 and d.shape == x.shape and logvar.shape == (4,)
   # out_gain = 0 at init, so D = c_skip * x exactly
   c_skip = 0.25 / (np.asarray(sigma) ** 2 + 0.25)
   np.testing.assert_allclose(d, c_skip[:, None, None, None] * np.asarray(x), rtol=1e-6)
@@ -118,8 +132,7 @@ def test_all_parameters_get_finite_nonzero_gradients(tiny):
   from pso_jax.diffusion.loss import edm2_loss
   config, model, variables = tiny
   # with zero gains the emb/out paths block the gradient of everything before them
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, w: w if is_mp_weight(p) else jnp.full_like(w, 0.5), variables["params"])
+  params = _with_gains(variables, 0.5)["params"]
   x, cond = _batch(config, 8)
   grad_fn = jax.jit(jax.grad(
       lambda p: edm2_loss(model, {**variables, "params": p}, x * 0.5, cond, jax.random.key(3), config)[0]))
@@ -130,14 +143,12 @@ def test_all_parameters_get_finite_nonzero_gradients(tiny):
     assert np.abs(g).max() > 0, jax.tree_util.keystr(path)
 
 
-def test_conditioning_null_is_zeros_and_changes_output(tiny):
-  config, model, variables = tiny
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, w: w if is_mp_weight(p) else jnp.ones_like(w), variables["params"])
-  v = {**variables, "params": params}
+def test_conditioning_null_is_zeros_and_changes_output(tiny, tiny_apply):
+  config, _, variables = tiny
+  v = _with_gains(variables, 1.0)
   x, cond = _batch(config, 4)
   sigma = jnp.full((4,), 0.7)
-  apply = jax.jit(lambda v, x, c: model.apply(v, x, sigma, c)[0])
+  apply = lambda v, x, c: tiny_apply(v, x, sigma, c)[0]
   d_none = apply(v, x, None)
   np.testing.assert_array_equal(d_none, apply(v, x, jnp.zeros_like(cond)))
   assert float(jnp.max(jnp.abs(apply(v, x, cond) - d_none))) > 1e-3
@@ -145,15 +156,18 @@ def test_conditioning_null_is_zeros_and_changes_output(tiny):
     apply(v, x, cond[:, :3])
 
 
-def test_uncond_model_under_jit_any_batch_matches_per_image():
+def test_uncond_model_under_jit_any_batch_matches_per_image(tiny):
   batch = 3
   config = load_config("tiny")
   config.model.cond = "uncond"
-  model, variables = _init(config)
+  model = presets.build_model(config)
   assert model.cond_dim == 0
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, w: w if is_mp_weight(p) else jnp.ones_like(w), variables["params"])
-  v = {**variables, "params": params}
+  # the unconditional net is the conditional one without its label layer (saves an init compile)
+  v = _with_gains(tiny[2], 1.0)
+  v["params"] = {**v["params"], "unet": {k: w for k, w in v["params"]["unet"].items()
+                                         if k != "emb_label"}}
+  assert jax.tree.structure(jax.eval_shape(lambda k: presets.init_variables(model, k, config),
+                                           jax.random.key(0))) == jax.tree.structure(v)
   x, _ = _batch(config, batch)
   sigma = jnp.linspace(0.05, 5.0, batch)
   apply = jax.jit(lambda v, x, s: model.apply(v, x, s, None))
@@ -163,18 +177,16 @@ def test_uncond_model_under_jit_any_batch_matches_per_image():
   np.testing.assert_allclose(logvar[:1], logvar0, rtol=1e-5)
 
 
-def test_bfloat16_activations_track_float32(tiny):
-  config, model, variables = tiny
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, w: w if is_mp_weight(p) else jnp.ones_like(w), variables["params"])
-  v = {**variables, "params": params}
+def test_bfloat16_activations_track_float32(tiny, tiny_apply):
+  config, _, variables = tiny
+  v = _with_gains(variables, 1.0)
   config_bf16 = load_config("tiny")
   config_bf16.model.cond = "pseudo"
   config_bf16.model.dtype = "bfloat16"
   model_bf16 = presets.build_model(config_bf16)
   x, cond = _batch(config, 4)
   sigma = jnp.full((4,), 2.0)
-  d32, _ = jax.jit(lambda v: model.apply(v, x, sigma, cond))(v)
+  d32, _ = tiny_apply(v, x, sigma, cond)
   d16, _ = jax.jit(lambda v: model_bf16.apply(v, x, sigma, cond))(v)
   assert d16.dtype == jnp.float32
   rel = float(jnp.linalg.norm(d16 - d32) / jnp.linalg.norm(d32))
@@ -184,9 +196,7 @@ def test_bfloat16_activations_track_float32(tiny):
 def test_dropout_is_random_in_training_only(tiny):
   config, model, variables = tiny
   model = model.clone(dropout=0.5)  # dropout has no parameters: same variables
-  params = jax.tree_util.tree_map_with_path(
-      lambda p, w: w if is_mp_weight(p) else jnp.ones_like(w), variables["params"])
-  v = {**variables, "params": params}
+  v = _with_gains(variables, 1.0)
   x, cond = _batch(config, 2)
   sigma = jnp.ones((2,))
   run = jax.jit(lambda key, train: model.apply(v, x, sigma, cond, train=train,
