@@ -40,6 +40,15 @@ def test_xs_parameter_count_matches_edm2(cond, count):
   assert sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["constants"])) == 512
 
 
+@pytest.mark.parametrize("preset,params_m,gmac", [("s", 280.2, 101), ("m", 497.8, 179)])
+def test_larger_presets_match_edm2_imagenet_sizes(preset, params_m, gmac):
+  config = _xs_config("pseudo", dim=1000)  # EDM2's ImageNet-512 models: 1000 class labels
+  config.model.preset = preset
+  model, shapes = _shapes(config)
+  assert presets.count_params(shapes) / 1e6 == pytest.approx(params_m, abs=0.05)
+  assert forward_flops(model, shapes, (64, 64, 4)) / 2e9 == pytest.approx(gmac, abs=0.5)
+
+
 def test_xs_forward_flops_match_edm2_and_xla():
   config = _xs_config("uncond")
   model, shapes = _shapes(config)
