@@ -10,6 +10,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+# compiles are most of the suite's time; the same tiny programs recur across tests and workers
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "PSO_JAX_TEST_COMPILATION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pso_jax", "xla-tests")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from absl import flags  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m pso_jax.bench NAME [flags]`, NAME in data | train | audit | sample | vae.
+"""Benchmarks: `python -m pso_jax.bench NAME [flags]`, NAME in data | train | audit | sample | vae | cnn.
 
 Each prints its figures as ratios against a reference measured in the same run (the machine's
 matmul rate, faiss, ...), never as absolute targets.
@@ -13,6 +13,7 @@ BENCHES = {
     "audit": "pso_jax.bench.audit",
     "sample": "pso_jax.bench.sample",
     "vae": "pso_jax.bench.vae",
+    "cnn": "pso_jax.bench.cnn",
 }
 
 
