@@ -32,7 +32,8 @@ def _config(preset: str, batch: int, dtype: str, accum: int, channels: int = 0):
   return config
 
 
-def measure(config, *, steps: int, devices=None) -> dict:
+def compile_step(config, devices=None):
+  """(run_one_step() -> seconds, info): the compiled train step on a fixed batch."""
   from pso_jax.models.presets import build_model, model_input_shape
   from pso_jax.training import mesh as mesh_lib, metrics, sharding, step as step_lib
   model = build_model(config)
@@ -48,24 +49,21 @@ def measure(config, *, steps: int, devices=None) -> dict:
     batch["cond"] = c / np.linalg.norm(c, axis=1, keepdims=True)
   batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
   key = jax.random.key(1)
+  start = time.perf_counter()
   with jax.set_mesh(mesh):
-    start = time.perf_counter()
     step = step_lib.jit_train_step(step_lib.make_train_step(model, config), shardings, mesh) \
         .lower(state, batch, key).compile()
-    compile_s = time.perf_counter() - start
-    flops = metrics.compiled_flops(step)
-    for _ in range(2):  # warm-up
-      state, m = step(state, batch, key)
+  info = dict(compile_s=time.perf_counter() - start, gflop_per_step=metrics.compiled_flops(step) / 1e9,
+              devices=mesh.size, batch=b)
+  holder = [state]
+
+  def run_one() -> float:
+    start = time.perf_counter()
+    holder[0], m = step(holder[0], batch, key)
     jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-      start = time.perf_counter()
-      state, m = step(state, batch, key)
-      jax.block_until_ready(m)
-      times.append(time.perf_counter() - start)
-  best = float(np.median(times))
-  return dict(images_per_s=b / best, step_s=best, gflops=flops / best / 1e9, gflop_per_step=flops / 1e9,
-              compile_s=compile_s, loss=float(m["loss"]), devices=mesh.size)
+    return time.perf_counter() - start
+  run_one()  # warm-up
+  return run_one, info
 
 
 def main(argv):
@@ -86,8 +84,14 @@ def main(argv):
   print(f"train bench: preset={args.preset} channels={config.model.channels or 'preset'} "
         f"batch={args.batch} grad_accum={args.grad_accum} "
         f"dtype={args.dtype} on {jax.device_count()} x {device.device_kind}", flush=True)
-  r = measure(config, steps=args.steps)
-  mm = matmul_gflops(args.matmul_n) * r["devices"]
+  run_one, r = compile_step(config)
+  # alternate the two measurements and keep the best of each: on a shared machine the load
+  # changes from second to second, and the ratio should compare like with like
+  step_s, mm = float("inf"), 0.0
+  for _ in range(args.steps):
+    step_s = min(step_s, run_one())
+    mm = max(mm, matmul_gflops(args.matmul_n, repeats=2) * r["devices"])
+  r.update(step_s=step_s, images_per_s=r["batch"] / step_s, gflops=r["gflop_per_step"] / step_s)
   print(f"  step: {r['step_s'] * 1e3:.1f} ms, {r['images_per_s']:.2f} images/s "
         f"({r['images_per_s'] / r['devices']:.2f} per device), {r['gflop_per_step']:.2f} GFLOP/step, "
         f"compile {r['compile_s']:.1f} s")
