@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pytest
 
-from pso_jax import stages, workdir as workdir_lib
 from pso_jax.audit import selection as sel
 from pso_jax.audit import select_stage, synthetic_set
 from pso_jax.diffusion import sample_stage
@@ -18,17 +17,11 @@ from tests.conftest import load_config
 pytest.importorskip("pso_jax.training.loop")
 pytest.importorskip("pso_jax.evaluate.classifier_train")
 
-UPSTREAM = ("prepare", "train", "train_reid", "train_classifier")
-
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  config = load_config("tiny")
-  workdir = str(tmp_path_factory.mktemp("sample_e2e") / "run")
-  workdir_lib.prepare_workdir(workdir, config)
-  for mode in UPSTREAM:
-    stages.get_stage(mode)(config, workdir)
-  return config, workdir
+def trained(tiny_trained_workdir):
+  """The suite's shared tiny workdir (prepare..train_classifier run once); tests clone it."""
+  return tiny_trained_workdir
 
 
 def clone(workdir, dst):
