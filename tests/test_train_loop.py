@@ -72,6 +72,14 @@ def test_uninterrupted_run_writes_its_outputs(uninterrupted):
   assert [(n, s) for n, s, _ in snaps] == [(n * 8, s) for n in (3, 6, 9, 12) for s in (0.05, 0.1)]
   lines = metrics_lib.read_metrics(out)
   assert [m["step"] for m in lines] == [2, 4, 6, 8, 10, 12]
+  # FLOPs of the step on all 8 devices: about 3 forward passes (forward + backward) per image
+  from pso_jax.models.flops import forward_flops
+  from pso_jax.models.presets import build_model, init_variables, model_input_shape
+  config = _config()
+  model = build_model(config)
+  shapes = jax.eval_shape(lambda k: init_variables(model, k, config), jax.random.key(0))
+  forward = forward_flops(model, shapes, model_input_shape(config), config.train.batch_size)
+  assert 2.5 < summary["gflop_per_step"] * 1e9 / forward < 5
   assert all(m["images_per_s"] > 0 and m["tflops"] > 0 for m in lines)
   assert os.listdir(os.path.join(out, "tensorboard"))
   # a rerun returns at once with the stored summary

@@ -53,7 +53,7 @@ def compile_step(config, devices=None):
   with jax.set_mesh(mesh):
     step = step_lib.jit_train_step(step_lib.make_train_step(model, config), shardings, mesh) \
         .lower(state, batch, key).compile()
-  info = dict(compile_s=time.perf_counter() - start, gflop_per_step=metrics.compiled_flops(step) / 1e9,
+  info = dict(compile_s=time.perf_counter() - start, gflop_per_step=metrics.compiled_flops(step, mesh.size) / 1e9,
               devices=mesh.size, batch=b)
   holder = [state]
 

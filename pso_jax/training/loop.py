@@ -220,7 +220,7 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
   with jax.set_mesh(mesh):
     compiled = step_lib.jit_train_step(step_lib.make_train_step(model, config), shardings, mesh) \
         .lower(state, batch, train_key).compile()
-  step_flops = metrics_lib.compiled_flops(compiled)
+  step_flops = metrics_lib.compiled_flops(compiled, mesh.size)
   peak, peak_source = (metrics_lib.machine_peak_flops(list(mesh.devices.flat), config.model.dtype)
                        if jax.process_index() == 0 else (0.0, ""))
   if jax.process_index() == 0:

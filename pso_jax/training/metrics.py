@@ -40,12 +40,16 @@ def machine_peak_flops(devices, dtype: str) -> tuple[float, str]:
   return matmul_gflops(n=1024, repeats=3) * 1e9 * hosts, "measured matmul rate"
 
 
-def compiled_flops(compiled) -> float:
-  """FLOPs of one call of a compiled function, summed over devices when XLA reports per device."""
+def compiled_flops(compiled, num_devices: int = 1) -> float:
+  """FLOPs of one call of a compiled function on all its `num_devices` devices.
+
+  XLA's cost analysis of a partitioned (SPMD) program counts one device's share, so it is scaled
+  by the device count (replicated work, e.g. the optimizer on small leaves, counts once per device).
+  """
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", 0.0))
+  return float((cost or {}).get("flops", 0.0)) * num_devices
 
 
 class MetricsWriter:
