@@ -53,7 +53,7 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict,
     raise UserError("--workdir is required: the folder where this run's files go, e.g. --workdir=runs/demo")
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_probe")
+    probe = os.path.join(workdir, f".write_probe.{os.getpid()}")  # per process: no race
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
