@@ -235,8 +235,8 @@ def render(r: dict, compare: tuple | None = None) -> str:
       + html.figure("audit/flag_rate_vs_tau.png", "share with a training match vs threshold")))
   body += html.section("Training", html.figure(FIG["loss"], "diffusion training loss")
                        + html.table(["model", "figure"], [
-                           ["re-identification", f"AUC {html.fmt(_dig(r, 'reid', 'auc'))} "
-                                                 f"{html.fmt_ci(None, None)}"],
+                           ["re-identification (held-out patients)",
+                            f"AUC {html.fmt_ci(_dig(r, 'reid', 'auc'), _dig(r, 'reid', 'auc_ci'))}"],
                            ["finding classifier (real)",
                             f"mean AUROC {html.fmt(_dig(r, 'classifier', 'models', 'real', 'mean_auroc'))}"]]))
   t = r["timings"]
@@ -244,7 +244,6 @@ def render(r: dict, compare: tuple | None = None) -> str:
       ["stage", "seconds"], [[html.esc(k), html.fmt(v, 1)] for k, v in t.items()]
       + [["total", html.fmt(sum(t.values()), 1)]]))
   body += html.section("Config", "<pre>" + html.esc(json.dumps(cfg, indent=1)) + "</pre>")
-  data = r.get("data") or {}
   return html.page("pso_jax run report",
                    f"{cfg.get('variant') or 'reference recipe'} · dataset "
                    f"{_dig(cfg, 'data', 'name')} · {r['generated']} · {r['workdir']}", body)
