@@ -51,6 +51,21 @@ def write_json(path: str, obj: Any) -> None:
   write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+def finished_result(out_dir: str, result_file: str):
+  """A stage's stored result when its COMPLETE marker exists, else None."""
+  if os.path.exists(os.path.join(out_dir, "COMPLETE")):
+    return read_json(os.path.join(out_dir, result_file))
+  return None
+
+
+def finish_stage(out_dir: str, result_file: str, result: Any) -> None:
+  """Process 0 writes the stage's result, then the COMPLETE marker last (what reruns look for)."""
+  import jax
+  if jax.process_index() == 0:
+    write_json(os.path.join(out_dir, result_file), result)
+    write_text(os.path.join(out_dir, "COMPLETE"), "ok\n")
+
+
 def read_json(path: str) -> Any:
   with open(path, "r", encoding="utf-8") as f:
     return json.load(f)

@@ -13,6 +13,7 @@ from pso_jax.audit import select_stage, synthetic_set
 from pso_jax.diffusion import sample_stage
 from pso_jax.errors import UserError
 from tests.conftest import load_config
+from tests.test_sample_selection import tree_files
 
 pytest.importorskip("pso_jax.training.loop")
 pytest.importorskip("pso_jax.evaluate.classifier_train")
@@ -31,20 +32,7 @@ def clone(workdir, dst):
 
 
 def synthetic_files(workdir):
-  root = os.path.join(workdir, "synthetic")
-  out = {}
-  for base, _, files in os.walk(root):
-    for name in files:
-      rel = os.path.relpath(os.path.join(base, name), root)
-      if rel.startswith("chunks"):  # markers hold timings
-        continue
-      data = open(os.path.join(base, name), "rb").read()
-      if name == "summary.json":
-        summary = json.loads(data)
-        summary.pop("throughput")
-        data = json.dumps(summary, sort_keys=True).encode()
-      out[rel] = data
-  return out
+  return tree_files(os.path.join(workdir, "synthetic"))
 
 
 def test_sample_stage_writes_the_preview_grid(trained, tmp_path):

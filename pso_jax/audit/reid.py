@@ -161,12 +161,8 @@ class ReidModel:
     return self.spec.out_dim
 
   def embed(self, images) -> np.ndarray:
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != self.spec.channels:
-      raise UserError(f"re-id model expects uint8 images [N, H, W, {self.spec.channels}], got "
-                      f"{images.dtype} {images.shape}")
-    return supervised.apply_batched(self._apply, images, self.batch_size,
-                                    self._sharding).astype(np.float32)
+    return supervised.apply_to_images(self._apply, images, self.spec.channels, self.batch_size,
+                                      self._sharding, "re-id model")
 
 
 def checkpoint_dir(out_dir: str) -> str:

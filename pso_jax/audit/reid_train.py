@@ -148,15 +148,13 @@ def load_splits(workdir: str, keys=("image", "patient_id")) -> dict:
 
 def run(config, workdir: str, **_) -> dict:
   out_dir = os.path.join(workdir, reid.SUBDIR)
-  done = os.path.join(out_dir, "COMPLETE")
-  if os.path.exists(done):
-    return io_utils.read_json(os.path.join(out_dir, reid.RESULT_FILE))
+  finished = io_utils.finished_result(out_dir, reid.RESULT_FILE)
+  if finished is not None:
+    return finished
   return train_and_write(config, load_splits(workdir), out_dir)
 
 
 def train_and_write(config, splits: dict, out_dir: str) -> dict:
   result = utility.as_json(train_reid(config, splits, out_dir))
-  if jax.process_index() == 0:
-    io_utils.write_json(os.path.join(out_dir, reid.RESULT_FILE), result)
-    io_utils.write_text(os.path.join(out_dir, "COMPLETE"), "ok\n")
+  io_utils.finish_stage(out_dir, reid.RESULT_FILE, result)
   return result

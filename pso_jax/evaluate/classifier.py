@@ -129,12 +129,8 @@ class Classifier:
     self._probs = functools.partial(jax.jit(probs), jax.device_put(self.variables, replicated))
 
   def predict(self, images) -> np.ndarray:
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != self.spec.channels:
-      raise UserError(f"classifier expects uint8 images [N, H, W, {self.spec.channels}], got "
-                      f"{images.dtype} {images.shape}")
-    return supervised.apply_batched(self._probs, images, self.batch_size,
-                                    self._sharding).astype(np.float32)
+    return supervised.apply_to_images(self._probs, images, self.spec.channels, self.batch_size,
+                                      self._sharding, "classifier")
 
 
 def checkpoint_dir(out_dir: str, which: str = "best") -> str:

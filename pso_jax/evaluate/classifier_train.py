@@ -38,15 +38,13 @@ def train_and_test(config, splits: dict, out_dir: str, *, steps: int = None, key
 
 def run(config, workdir: str, **_) -> dict:
   out_dir = os.path.join(workdir, classifier_lib.SUBDIR)
-  done = os.path.join(out_dir, "COMPLETE")
-  if os.path.exists(done):
-    return io_utils.read_json(os.path.join(out_dir, classifier_lib.RESULT_FILE))
+  finished = io_utils.finished_result(out_dir, classifier_lib.RESULT_FILE)
+  if finished is not None:
+    return finished
   return train_and_write(config, load_labelled_splits(workdir), out_dir)
 
 
 def train_and_write(config, splits: dict, out_dir: str, *, steps: int = None) -> dict:
   result = utility.as_json(train_and_test(config, splits, out_dir, steps=steps))
-  if jax.process_index() == 0:
-    io_utils.write_json(os.path.join(out_dir, classifier_lib.RESULT_FILE), result)
-    io_utils.write_text(os.path.join(out_dir, "COMPLETE"), "ok\n")
+  io_utils.finish_stage(out_dir, classifier_lib.RESULT_FILE, result)
   return result

@@ -119,14 +119,12 @@ def evaluate(config, workdir: str, splits: dict, released: dict) -> dict:
 
 def run(config, workdir: str, **_) -> dict:
   out_dir = os.path.join(workdir, SUBDIR)
-  done = os.path.join(out_dir, "COMPLETE")
-  if os.path.exists(done):
-    return io_utils.read_json(os.path.join(out_dir, RESULT_FILE))
+  finished = io_utils.finished_result(out_dir, RESULT_FILE)
+  if finished is not None:
+    return finished
   from pso_jax.audit import synthetic_set
   released = synthetic_set.load_released(workdir)  # fails first when select has not run
   splits = classifier_train.load_labelled_splits(workdir)
   result = utility.as_json(evaluate(config, workdir, splits, released))
-  if jax.process_index() == 0:
-    io_utils.write_json(os.path.join(out_dir, RESULT_FILE), result)
-    io_utils.write_text(done, "ok\n")
+  io_utils.finish_stage(out_dir, RESULT_FILE, result)
   return result

@@ -206,6 +206,16 @@ def local_data_sharding() -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
+def apply_to_images(fn: Callable, images, channels: int, batch_size: int,
+                    sharding: Optional[NamedSharding], what: str) -> np.ndarray:
+  """`apply_batched` over uint8 images [N, H, W, channels], refusing any other shape by name."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != channels:
+    raise UserError(f"{what} expects uint8 images [N, H, W, {channels}], got "
+                    f"{images.dtype} {images.shape}")
+  return apply_batched(fn, images, batch_size, sharding).astype(np.float32)
+
+
 def apply_batched(fn: Callable, images: np.ndarray, batch_size: int,
                   sharding: Optional[NamedSharding] = None) -> np.ndarray:
   """`fn` (jitted, on a fixed batch shape so it compiles once) over `images` in batches, each
