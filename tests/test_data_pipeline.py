@@ -1,4 +1,5 @@
-"""grain loaders: static batches, exact resume, disjoint shards across 2 real JAX processes."""
+"""grain loaders: static batches, exact resume, one global sample stream whatever the process
+layout (in-process shares, loader workers, 2 real JAX processes), and the resume-layout checks."""
 
 import json
 import os
@@ -72,7 +73,7 @@ def test_finite_epochs_and_too_large_batch(workdir):
   source = dataset.load_split(workdir, "val")
   batches = list(pipeline.make_loader(source, global_batch_size=4, seed=0, num_epochs=1))
   assert len(batches) == len(source) // 4
-  with pytest.raises(UserError, match="too few for a batch"):
+  with pytest.raises(UserError, match="too few for a global batch of 12"):
     pipeline.make_loader(source, global_batch_size=len(source) + 1, seed=0)
 
 
@@ -124,7 +125,81 @@ def test_two_processes_get_disjoint_shards(workdir, tmp_path):
   assert a["devices"] == b["devices"] == 4
   ia, ib = np.array(a["indices"]), np.array(b["indices"])
   assert ia.shape == ib.shape == (4, 4)                     # 8 per global batch, 4 per process
-  assert not set(ia.ravel()) & set(ib.ravel())               # disjoint shards
-  n = len(dataset.load_split(workdir, "train"))
-  assert set(ia.ravel()) <= set(range(n // 2)) and set(ib.ravel()) <= set(range(n // 2, n))
+  assert not set(ia.ravel()) & set(ib.ravel())               # disjoint shares
+  # together: the global batches a 1-process loader yields (rows 0-3 on process 0, 4-7 on 1)
+  it = iter(pipeline.make_loader(dataset.load_split(workdir, "train"), global_batch_size=8, seed=5))
+  for t in range(4):
+    assert np.array_equal(np.concatenate([ia[t], ib[t]]), next(it)["index"]), t
   assert a["global_sum"] == b["global_sum"] == int(ia[0].sum() + ib[0].sum())
+
+
+def _indices(loader, n):
+  it = iter(loader)
+  return [next(it)["index"] for _ in range(n)]
+
+
+def test_global_stream_is_the_same_on_every_layout(workdir):
+  """Shares of 1, 2 or 4 processes (contiguous or interleaved rows), loader workers and a start
+  batch all read the same global batches: grain's own 1-process IndexSampler stream."""
+  import grain
+  source = dataset.load_split(workdir, "train")
+  batch, n = 8, 14  # 88 records: the 14 batches cross an epoch boundary
+  reference = grain.DataLoader(  # grain's sampler, as the loader was built before (independent)
+      data_source=source, operations=[grain.transforms.Batch(batch_size=batch, drop_remainder=True)],
+      sampler=grain.samplers.IndexSampler(num_records=len(source), shuffle=True, seed=7,
+                                          shard_options=grain.sharding.NoSharding()))
+  want = _indices(reference, n)
+  layouts = {"1 process": [range(8)], "2 processes": [range(4), range(4, 8)],
+             "4 processes": [range(i, i + 2) for i in range(0, 8, 2)],
+             "2 interleaved": [[0, 1, 4, 5], [2, 3, 6, 7]]}
+  for name, shares in layouts.items():
+    parts = [_indices(pipeline.make_loader(source, global_batch_size=batch, seed=7, rows=r), n)
+             for r in shares]
+    got = [np.zeros(batch, int) for _ in range(n)]
+    for rows, part in zip(shares, parts):
+      for t in range(n):
+        got[t][list(rows)] = part[t]
+    assert all(np.array_equal(w, g) for w, g in zip(want, got)), name
+  # a loader started at global batch 5 continues the stream; so does one with 2 workers (grain
+  # hands worker w the records w, w+2, ... and takes the workers' batches in turn)
+  late = _indices(pipeline.make_loader(source, global_batch_size=batch, seed=7, rows=range(4, 8),
+                                       start_batch=5), n - 5)
+  assert all(np.array_equal(w[4:], g) for w, g in zip(want[5:], late))
+  workers = _indices(pipeline.make_loader(source, global_batch_size=batch, seed=7, rows=range(4, 8),
+                                          start_batch=3, worker_count=2), 5)
+  assert all(np.array_equal(w[4:], g) for w, g in zip(want[3:8], workers))
+
+
+def test_process_rows_and_layout():
+  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rows = pipeline.process_rows(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))), 16)
+  assert rows == {0: list(range(16))}
+  assert pipeline.row_ranges([6, 0, 1, 2, 5]) == [[0, 3], [5, 7]]
+  layout = pipeline.stream_layout(num_records=88, global_batch_size=16, seed=1, shuffle=True,
+                                  rows_by_process={0: range(8), 1: range(8, 16)}, worker_count=0)
+  assert layout["process_count"] == 2 and layout["rows"] == [[[0, 8]], [[8, 16]]]
+  json.dumps(layout)  # saved in the checkpoint's JSON metadata
+
+
+def test_resume_checks_and_plan():
+  layout = pipeline.stream_layout(num_records=88, global_batch_size=8, seed=1, shuffle=True,
+                                  rows_by_process={0: range(4), 1: range(4, 8)}, worker_count=0)
+  kw = dict(step=6, global_batch_size=8, grad_accum=1)
+  pipeline.check_resume(None, process_count=3, device_count=3, **kw)  # nothing saved: no check
+  pipeline.check_resume(layout, process_count=1, device_count=8, **kw)
+  pipeline.check_resume(layout, process_count=4, device_count=4, **kw)
+  with pytest.raises(UserError, match=r"cannot resume on 3 processes: the checkpoint of step 6 was "
+                     r"trained on 2 process\(es\), and its global batch 8 does not split into 3 .*"
+                     r"process count that divides 8 \(e\.g\. 1, 2, 4, 8\)"):
+    pipeline.check_resume(layout, process_count=3, device_count=6, **kw)
+  with pytest.raises(UserError, match=r"cannot resume on 6 devices.*micro-batch 4 .*grad_accum=2"
+                     r".*divides 4 \(e\.g\. 1, 2, 4"):
+    pipeline.check_resume(layout, process_count=2, device_count=6, **dict(kw, grad_accum=2))
+  with pytest.raises(UserError, match=r"global batch 8, this config has 16.*batch_size=8"):
+    pipeline.check_resume(layout, process_count=2, device_count=2, **dict(kw, global_batch_size=16))
+  # the same layout restores the saved iterator states; any other starts a loader at batch `step`
+  saved = {"layout": layout, "start_batch": 2}
+  assert pipeline.resume_plan(saved, json.loads(json.dumps(layout)), 6) == (2, True)
+  other = dict(layout, process_count=1, rows=[[[0, 8]]])
+  assert pipeline.resume_plan(saved, other, 6) == (6, False)
+  assert pipeline.resume_plan(None, layout, 6) == (6, False)  # checkpoints from before layouts
