@@ -172,6 +172,54 @@ def _every(images: int, batch: int) -> int:
   return max(1, int(images) // batch)
 
 
+def _setup(config, workdir: str, out_dir: str, mesh, source, ckpt):
+  """Checks a resume's layout, builds the loader at the right stream position and the state
+  (fresh, or restored into this mesh's shardings): everything before compilation.
+
+  Returns (state, stream, kanon_table, start step, stream metadata to save, shardings, model).
+  """
+  from pso_jax.data import pipeline
+  batch_size = int(config.train.batch_size)
+  start = ckpt.latest_step()
+  saved_stream = None if start is None else ckpt.read_meta(start).get("data")
+  # a resume on another process / device layout must be able to continue the saved sample stream
+  pipeline.check_resume(None if saved_stream is None else saved_stream["layout"], step=start,
+                        global_batch_size=batch_size, grad_accum=int(config.train.grad_accum),
+                        process_count=jax.process_count(), device_count=mesh.size)
+  mesh_lib.micro_batch_size(batch_size, int(config.train.grad_accum), mesh)
+  model = presets.build_model(config)
+  os.makedirs(out_dir, exist_ok=True)
+  kanon_table = _kanon_table(config, workdir, out_dir)
+  worker_count = int(config.data.worker_count)
+  rows = pipeline.process_rows(mesh_lib.batch_sharding(mesh), batch_size)
+  layout = pipeline.stream_layout(num_records=len(source), global_batch_size=batch_size,
+                                  seed=int(config.seed), shuffle=True, rows_by_process=rows,
+                                  worker_count=worker_count)
+  start_batch, same_layout = pipeline.resume_plan(saved_stream, layout, start or 0)
+  stream = BatchStream(iter(pipeline.make_loader(
+      source, global_batch_size=batch_size, seed=int(config.seed), shuffle=True, num_epochs=None,
+      worker_count=worker_count, rows=rows[jax.process_index()], start_batch=start_batch)))
+
+  abstract, shardings = _abstract_state(model, config, mesh)
+  if start is None:
+    init_key, _ = _keys(config)
+    with jax.set_mesh(mesh):
+      state = jax.jit(lambda k: step_lib.init_state(model, config, k), out_shardings=shardings)(init_key)
+    start = 0
+  else:
+    # model, optimizer and EMA arrays are read straight into this mesh's shardings; the loader
+    # continues from its saved state on the same layout, from global batch `start` on another
+    state, _ = ckpt.restore(start, sharding.with_shardings(abstract, shardings),
+                            stream if same_layout else None)
+    if jax.process_index() == 0:
+      logging.info("train: resuming after step %d (%d images)%s", start, start * batch_size,
+                   "" if same_layout else
+                   f"; the sample stream continues at global batch {start} on a new layout "
+                   f"({jax.process_count()} process(es), {worker_count} loader worker(s))")
+  return state, stream, kanon_table, start, dict(layout=layout, start_batch=start_batch), \
+      shardings, model
+
+
 def run(config, workdir: str, *, stop_after_steps: int | None = None, **options) -> dict:
   """Trains until config.train.total_images; `stop_after_steps` ends this call early (after that
   many steps, without a final checkpoint: what a kill or a job time limit does)."""
@@ -181,33 +229,20 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
     return io_utils.read_json(done)
   check_config(config)
   from pso_jax.data.dataset import load_split
-  from pso_jax.data.pipeline import make_loader
 
   batch_size = int(config.train.batch_size)
   mesh = mesh_lib.make_mesh(config.mesh)
-  mesh_lib.micro_batch_size(batch_size, int(config.train.grad_accum), mesh)
   source = RelocatableSource(load_split(workdir, "train"))
-  model = presets.build_model(config)
-  os.makedirs(out_dir, exist_ok=True)
-  kanon_table = _kanon_table(config, workdir, out_dir)
-  stream = BatchStream(iter(make_loader(source, global_batch_size=batch_size, seed=int(config.seed),
-                                        shuffle=True, num_epochs=None,
-                                        worker_count=int(config.data.worker_count))))
-
-  abstract, shardings = _abstract_state(model, config, mesh)
   ckpt = ckpt_lib.Checkpointer(os.path.join(out_dir, "checkpoints"),
                                keep=int(config.train.keep_checkpoints),
                                async_save=bool(config.train.async_checkpoint))
-  start = ckpt.latest_step()
-  init_key, train_key = _keys(config)
-  if start is None:
-    with jax.set_mesh(mesh):
-      state = jax.jit(lambda k: step_lib.init_state(model, config, k), out_shardings=shardings)(init_key)
-    start = 0
-  else:
-    state, _ = ckpt.restore(start, sharding.with_shardings(abstract, shardings), stream)
-    if jax.process_index() == 0:
-      logging.info("train: resuming after step %d (%d images)", start, start * batch_size)
+  try:
+    state, stream, kanon_table, start, stream_meta, shardings, model = _setup(
+        config, workdir, out_dir, mesh, source, ckpt)
+  except BaseException:
+    ckpt.close()
+    raise
+  _, train_key = _keys(config)
 
   total_steps = math.ceil(int(config.train.total_images) / batch_size)
   ckpt_every = _every(config.train.checkpoint_images, batch_size)
@@ -259,7 +294,7 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
         ckpt_lib.save_ema_snapshots(snap_dir, _ema_by_std(state, config), step * batch_size)
       if nan_streak == 0 and (step % ckpt_every == 0 or step == total_steps):
         ckpt.save(step, state, stream, dict(step=step, nimg=step * batch_size,
-                                            config=config.to_dict()))
+                                            config=config.to_dict(), data=stream_meta))
         last_saved = step
       if step < stop_at:  # taken after the save: the checkpoint counts `step` batches
         batch = to_global(model_batch(stream.take(), config, kanon_table), mesh)
