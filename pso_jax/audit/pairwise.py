@@ -88,77 +88,98 @@ def default_mesh():
 
 # ----------------------------------------------------------------------------- device kernels
 
-def _block_topk(s, kk: int):
-  """Exact top-kk of each row of s [qb, rb]: the kk largest values lie in the kk chunks with the
-  largest maxima, so one max pass plus two small top-k replace a top-k over the whole row."""
+def _block_topk(s, kk: int, chunk: int = _CHUNK):
+  """Exact top-kk of each row of s [qb, rb] (values; columns), by a hierarchy of chunk maxima.
+
+  The kk largest values of a row lie in the kk chunks with the largest maxima (a value outside
+  them is below kk distinct chunk maxima, each a value of its own chunk). So one max pass over s
+  gives rb/chunk maxima, whose top-kk chunks are found the same way, recursively; each level
+  then costs a top-k over kk*chunk values. CPU top-k (a partial sort per row, one thread) over
+  the whole row would cost more than the block GEMM."""
   qb, rb = s.shape
-  nc = rb // _CHUNK
-  if rb % _CHUNK or nc <= 2 * kk:
+  nc = rb // chunk
+  if rb % chunk or nc <= 2 * kk:
     return jax.lax.top_k(s, kk)
-  chunks = s.reshape(qb, nc, _CHUNK)
-  _, ci = jax.lax.top_k(chunks.max(-1), kk)
-  cand = jnp.take_along_axis(chunks, ci[:, :, None], axis=1).reshape(qb, kk * _CHUNK)
+  chunks = s.reshape(qb, nc, chunk)
+  _, ci = _block_topk(chunks.max(-1), kk, chunk)
+  cand = jnp.take_along_axis(chunks, ci[:, :, None], axis=1).reshape(qb, kk * chunk)
   v, j = jax.lax.top_k(cand, kk)
-  return v, jnp.take_along_axis(ci, j // _CHUNK, axis=1) * _CHUNK + j % _CHUNK
+  return v, jnp.take_along_axis(ci, j // chunk, axis=1) * chunk + j % chunk
 
 
 def _topk_reducer(kk: int):
+  """Running top-kk per query. aux: the reference ids of the rows ([R] int32, -1 for padding)."""
   def init(qb):
     return (jnp.full((qb, kk), -jnp.inf, jnp.float32), jnp.full((qb, kk), -1, jnp.int32))
 
-  def update(carry, s, ids, masked=True):
-    if masked:  # a padded block; an extra pass over s, so full blocks skip it
-      s = jnp.where(ids[None, :] >= 0, s, -jnp.inf)
+  def block_aux(aux, i, start, rb):
+    return jax.lax.dynamic_slice_in_dim(aux, start, rb)
+
+  def update(carry, s, ids, valid):
+    if valid is not None:  # padding or (clamped last block) columns of the previous block
+      s = jnp.where(valid[None, :] & (ids[None, :] >= 0), s, -jnp.inf)
     v, col = _block_topk(s, kk)
     v = jnp.concatenate([carry[0], v], axis=1)
     i = jnp.concatenate([carry[1], ids[col]], axis=1)
     v, j = jax.lax.top_k(v, kk)
     return v, jnp.take_along_axis(i, j, axis=1)
 
-  return init, update
+  return init, block_aux, update
 
 
 def _count_reducer(tau: float, eps: float):
-  """Per query: patients with some sim >= tau + eps (sure) and >= tau - eps (possible)."""
+  """Per query: patients with some sim >= tau + eps (sure) and >= tau - eps (possible).
+  aux: (start, end) [nb, S] patient segments of each block; padding lies outside every segment."""
   def init(qb):
     return (jnp.zeros((qb,), jnp.int32), jnp.zeros((qb,), jnp.int32))
+
+  def block_aux(aux, i, start, rb):
+    return jax.tree.map(lambda x: x[i], aux)
 
   def segments_hit(hits, start, end):
     c = jnp.pad(jnp.cumsum(hits.astype(jnp.int32), axis=1), ((0, 0), (1, 0)))
     return jnp.sum((c[:, end] - c[:, start]) > 0, axis=1, dtype=jnp.int32)
 
-  def update(carry, s, aux, masked=True):
-    start, end = aux  # patient segments of this block; padding lies outside every segment
+  def update(carry, s, aux, valid):
+    start, end = aux
     return (carry[0] + segments_hit(s >= tau + eps, start, end),
             carry[1] + segments_hit(s >= tau - eps, start, end))
 
-  return init, update
+  return init, block_aux, update
 
 
 @functools.lru_cache(maxsize=32)
-def _engine(mesh, ring: bool, reducer_key: tuple, qb: int, dtype: str, padded_tail: bool = True):
-  """Jitted, sharded blocked search. Queries [n, d] split over all mesh axes; refs [nb, rb, d]
-  with per-block aux pytree, replicated or (ring) split over the same axes and rotated.
-  padded_tail: (replicated) only the last block holds padding, so only it is masked."""
+def _engine(mesh, ring: bool, reducer_key: tuple, qb: int, rb: int, dtype: str, masked: bool):
+  """Jitted, sharded blocked search. Queries [n, d] split over all mesh axes; refs [R, d] (per
+  device) walked in blocks of rb rows, with the reducer's aux, replicated or (ring) split over
+  the same axes and rotated. References are not padded to whole blocks: when R % rb != 0 the
+  last block is clamped to end at row R and its rows already seen are masked out.
+  masked: (topk) some rows are padding (id -1), so every block is masked."""
   kind, *params = reducer_key
-  init, update = _topk_reducer(*params) if kind == "topk" else _count_reducer(*params)
+  init, block_aux, update = (_topk_reducer if kind == "topk" else _count_reducer)(*params)
   axes = tuple(mesh.axis_names)
   n_dev = mesh.size
   compute = DTYPES[dtype]
 
-  def block(q, c, r, a, masked):
+  def block(q, carry, refs, aux, i, last):
+    n_rows = refs.shape[0]
+    start = jnp.minimum(i * rb, n_rows - rb) if last and n_rows % rb else i * rb
+    r = jax.lax.dynamic_slice_in_dim(refs, start, rb)
     s = jax.lax.dot_general(q, r.astype(compute), (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)
-    return update(c, s, a, masked=masked)
+    valid = None
+    if last and n_rows % rb:
+      valid = start + jnp.arange(rb) >= i * rb
+    elif masked:
+      valid = jnp.ones((rb,), bool)
+    return update(carry, s, block_aux(aux, i, start, rb), valid)
 
   def scan_refs(q, carry, refs, aux):
-    if ring:  # any shard may hold padding
-      return jax.lax.scan(lambda c, b: (block(q, c, *b, True), None), carry, (refs, aux))[0]
-    n_full = refs.shape[0] - int(padded_tail)
-    head = jax.tree.map(lambda x: x[:n_full], (refs, aux))
-    carry = jax.lax.scan(lambda c, b: (block(q, c, *b, False), None), carry, head)[0]
-    if padded_tail:
-      carry = block(q, carry, refs[-1], jax.tree.map(lambda x: x[-1], aux), True)
+    nb = -(-refs.shape[0] // rb)
+    n_full = nb - int(refs.shape[0] % rb != 0)
+    carry = jax.lax.fori_loop(0, n_full, lambda i, c: block(q, c, refs, aux, i, False), carry)
+    if n_full < nb:
+      carry = block(q, carry, refs, aux, n_full, True)
     return carry
 
   def local(queries, refs, aux):
@@ -199,19 +220,21 @@ def _fetch(tree):
   return jax.tree.map(np.array, tree)
 
 
-def _run_engine(mesh, ring, reducer_key, queries, refs, aux, qb, dtype, padded_tail=True):
+def _run_engine(mesh, ring, reducer_key, queries, refs, aux, qb, rb, dtype, masked=False):
   """Pads queries to the mesh x block grid, places everything, runs, returns host arrays [n]."""
   n = queries.shape[0]
   per = mesh.size * qb
-  qpad = np.zeros((-(-n // per) * per, queries.shape[1]), np.float32)
-  qpad[:n] = queries
   host_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+  if n % per:
+    qpad = np.zeros((-(-n // per) * per, queries.shape[1]), host_dtype)
+    qpad[:n] = queries
+  else:
+    qpad = queries.astype(host_dtype, copy=False)
   axes = tuple(mesh.axis_names)
   spec = P(axes) if ring else P()
-  fn = _engine(mesh, ring, reducer_key, qb, dtype, bool(padded_tail))
+  fn = _engine(mesh, ring, reducer_key, qb, rb, dtype, bool(masked))
   with jax.set_mesh(mesh):
-    out = fn(_put(qpad.astype(host_dtype, copy=False), mesh, P(axes)),
-             _put(refs.astype(host_dtype, copy=False), mesh, spec),
+    out = fn(_put(qpad, mesh, P(axes)), _put(refs.astype(host_dtype, copy=False), mesh, spec),
              jax.tree.map(lambda a: _put(a, mesh, spec), aux))
   return jax.tree.map(lambda a: a[:n], _fetch(out))
 
@@ -234,10 +257,12 @@ def _rescore(queries, refs, approx, idx, cut) -> np.ndarray:
   can be in the top k or reach tau); the others keep their approximate value, below the cut."""
   exact = np.where(idx >= 0, approx, -np.inf).astype(np.float64)
   rows, cols = np.nonzero((approx >= cut[:, None]) & (idx >= 0))
-  for a in range(0, len(rows), 16 * _HOST_BATCH):
-    r, c = rows[a:a + 16 * _HOST_BATCH], cols[a:a + 16 * _HOST_BATCH]
+  step = 4096  # pairs per step: float64 copies that stay in cache
+  for a in range(0, len(rows), step):
+    r, c = rows[a:a + step], cols[a:a + step]
     # float32 products are exact in float64; the sum is float64
-    exact[r, c] = np.einsum("pd,pd->p", queries[r], refs[idx[r, c]], dtype=np.float64)
+    q64 = queries[r].astype(np.float64)
+    exact[r, c] = np.einsum("pd,pd->p", q64, refs[idx[r, c]].astype(np.float64))
   return exact
 
 
@@ -292,15 +317,17 @@ class _Options:
 def _candidates(queries, refs, kk, opts: _Options):
   """Approximate top-kk per query from the device search: (approx [N,kk] descending, idx)."""
   mesh = opts.mesh
-  rb = _fit_block(opts.ref_block, len(refs))
+  m = len(refs)
+  rb = _fit_block(opts.ref_block, m)
   qb = _fit_block(opts.query_block, -(-len(queries) // mesh.size), multiple=8)
-  nb = _blocks(len(refs), rb, mesh.size, opts.ring)
-  rpad = np.zeros((nb * rb, refs.shape[1]), np.float32)
-  rpad[:len(refs)] = refs
-  ids = np.full(nb * rb, -1, np.int32)
-  ids[:len(refs)] = np.arange(len(refs), dtype=np.int32)
-  return _run_engine(mesh, opts.ring, ("topk", kk), queries, rpad.reshape(nb, rb, -1),
-                     ids.reshape(nb, rb), qb, opts.dtype, padded_tail=len(refs) % rb != 0)
+  n_rows = _blocks(m, rb, mesh.size, opts.ring) * rb if opts.ring or m < rb else m
+  ids = np.arange(n_rows, dtype=np.int32)
+  if n_rows > m:  # ring shards (whole blocks each) or a set smaller than one block: pad
+    rpad = np.zeros((n_rows, refs.shape[1]), np.float32)
+    rpad[:m] = refs
+    refs, ids[m:] = rpad, -1
+  return _run_engine(mesh, opts.ring, ("topk", kk), queries, refs, ids, qb, rb, opts.dtype,
+                     masked=n_rows > m)
 
 
 def _certified_topk(queries, refs, k, kk, opts: _Options, stats: dict, tau=None):
@@ -421,7 +448,7 @@ def _count_patients(queries, refs, ref_patients, tau, opts: _Options, stats: dic
   eps = _eps_coeff("float32", d) * float(_norms(queries).max()) * float(_norms(refs).max())
   qb = _fit_block(opts.query_block, -(-len(queries) // opts.mesh.size), multiple=8)
   sure, possible = _run_engine(opts.mesh, opts.ring, ("count", float(tau), float(eps)), queries,
-                               rpad, (start, end), qb, "float32", padded_tail=False)
+                               rpad.reshape(-1, d), (start, end), qb, rpad.shape[1], "float32")
   todo = np.nonzero(sure != possible)[0]
   stats["count_float64"] = int(len(todo))
   if len(todo):
