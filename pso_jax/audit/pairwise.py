@@ -57,6 +57,11 @@ class PatientSearch:
 
 def check_embeddings(name: str, x, dim: Optional[int] = None) -> np.ndarray:
   """float32 [n, d] with finite values, or a UserError naming the set and the fix."""
+  return _checked(name, x, dim)[0]
+
+
+def _checked(name: str, x, dim: Optional[int] = None):
+  """check_embeddings, plus upper bounds of the row norms [n] float64 (from the same pass)."""
   x = np.asarray(x)
   if x.ndim != 2:
     raise UserError(f"{name} must be a 2-D array [n, dim] of embeddings, got shape {x.shape}")
@@ -66,11 +71,21 @@ def check_embeddings(name: str, x, dim: Optional[int] = None) -> np.ndarray:
     raise UserError(f"{name} has dimension {x.shape[1]} but the other set has {dim}: both must "
                     "come from the same embedder")
   x = np.asarray(x, np.float32)
-  bad = ~np.isfinite(x).all(axis=1)
-  if bad.any():
-    raise UserError(f"{name} has {int(bad.sum())} rows with NaN/Inf (first: row "
-                    f"{int(np.argmax(bad))}); re-embed those images or drop them")
-  return x
+  norms = _norms(x)  # one pass; NaN/Inf anywhere in a row makes its norm non-finite
+  if not np.isfinite(norms).all():
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+      raise UserError(f"{name} has {int(bad.sum())} rows with NaN/Inf (first: row "
+                      f"{int(np.argmax(bad))}); re-embed those images or drop them")
+    norms = _norms(x, np.float64)  # finite, but squares beyond float32 range
+  return x, norms
+
+
+def _norms(x: np.ndarray, dtype=np.float32) -> np.ndarray:
+  """Upper bounds of the row norms, float64 [n]: a float32 sum of d squares is within
+  (d + 1) 2^-24 (relative) of the exact one, so it is inflated by twice that."""
+  sq = np.einsum("nd,nd->n", x, x, dtype=dtype).astype(np.float64)
+  return np.sqrt(sq * (1 + 2 * (x.shape[1] + 2) * 2.0 ** -24))
 
 
 def _eps_coeff(dtype: str, d: int) -> float:
@@ -257,17 +272,13 @@ def _rescore(queries, refs, approx, idx, cut) -> np.ndarray:
   can be in the top k or reach tau); the others keep their approximate value, below the cut."""
   exact = np.where(idx >= 0, approx, -np.inf).astype(np.float64)
   rows, cols = np.nonzero((approx >= cut[:, None]) & (idx >= 0))
-  step = 4096  # pairs per step: float64 copies that stay in cache
+  step = 1024  # pairs per step, so the float64 copies stay in cache
   for a in range(0, len(rows), step):
     r, c = rows[a:a + step], cols[a:a + step]
-    # float32 products are exact in float64; the sum is float64
-    q64 = queries[r].astype(np.float64)
-    exact[r, c] = np.einsum("pd,pd->p", q64, refs[idx[r, c]].astype(np.float64))
+    x = queries[r].astype(np.float64)
+    x *= refs[idx[r, c]]  # float32 products are exact in float64; the sum is float64
+    exact[r, c] = x.sum(1)
   return exact
-
-
-def _norms(x: np.ndarray) -> np.ndarray:
-  return np.sqrt(np.einsum("nd,nd->n", x, x, dtype=np.float64))
 
 
 def _sort_desc(sims, idx):
@@ -312,6 +323,8 @@ class _Options:
   dtype: str
   mesh: Any
   ring: bool
+  qnorm: np.ndarray = None  # upper bounds of the query norms [N]
+  rmax: float = 0.0         # upper bound of the reference norms
 
 
 def _candidates(queries, refs, kk, opts: _Options):
@@ -340,8 +353,7 @@ def _certified_topk(queries, refs, k, kk, opts: _Options, stats: dict, tau=None)
   """
   n, d = queries.shape
   kk = min(kk, len(refs))
-  rmax = float(_norms(refs).max())
-  qnorm = _norms(queries)
+  rmax, qnorm = opts.rmax, opts.qnorm
   approx, idx = _candidates(queries, refs, kk, opts)
   eps = _eps_coeff(opts.dtype, d) * qnorm * rmax
   stats.update(n=n, m=len(refs), d=d, dtype=opts.dtype, candidates=kk)
@@ -374,10 +386,11 @@ def _certified_topk(queries, refs, k, kk, opts: _Options, stats: dict, tau=None)
 def _resolve(queries, refs, query_block, ref_block, dtype, mesh, ring):
   if dtype not in DTYPES:
     raise UserError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
-  queries = check_embeddings("queries", queries)
-  refs = check_embeddings("references", refs, queries.shape[1])
+  queries, qnorm = _checked("queries", queries)
+  refs, rnorm = _checked("references", refs, queries.shape[1])
   return queries, refs, _Options(int(query_block), int(ref_block), dtype,
-                                 mesh if mesh is not None else default_mesh(), bool(ring))
+                                 mesh if mesh is not None else default_mesh(), bool(ring),
+                                 qnorm, float(rnorm.max()))
 
 
 def _check_k(k, m):
@@ -439,13 +452,13 @@ def _packed_patient_layout(ref_patients: np.ndarray, rb: int, n_dev: int, ring: 
   return layout, start, end
 
 
-def _count_patients(queries, refs, ref_patients, tau, opts: _Options, stats: dict):
+def _count_patients(queries, refs, ref_patients, tau, qnorm, opts: _Options, stats: dict):
   """Exact distinct matched patients for (saturated) queries: fp32 kernel + float64 fallback."""
   d = refs.shape[1]
   rb = _fit_block(opts.ref_block, len(refs))
   layout, start, end = _packed_patient_layout(ref_patients, rb, opts.mesh.size, opts.ring)
   rpad = np.where((layout >= 0)[..., None], refs[np.maximum(layout, 0)], 0.0).astype(np.float32)
-  eps = _eps_coeff("float32", d) * float(_norms(queries).max()) * float(_norms(refs).max())
+  eps = _eps_coeff("float32", d) * float(qnorm.max()) * opts.rmax
   qb = _fit_block(opts.query_block, -(-len(queries) // opts.mesh.size), multiple=8)
   sure, possible = _run_engine(opts.mesh, opts.ring, ("count", float(tau), float(eps)), queries,
                                rpad.reshape(-1, d), (start, end), qb, rpad.shape[1], "float32")
@@ -504,7 +517,8 @@ def patient_search(queries, refs, ref_patients, tau: float, k: int, *, query_blo
   todo = np.nonzero(saturated)[0]
   stats["saturated"] = int(len(todo))
   if len(todo):
-    count[todo] = _count_patients(queries[todo], refs, ref_patients, tau, opts, stats)
+    count[todo] = _count_patients(queries[todo], refs, ref_patients, tau, opts.qnorm[todo], opts,
+                                  stats)
   best_patient = ref_patients[idx[:, 0]].astype(np.int32)
   return PatientSearch(
       topk_sims=exact[:, :k].astype(np.float32), topk_idx=idx[:, :k].astype(np.int32),
