@@ -106,20 +106,22 @@ def default_mesh():
 def _block_topk(s, kk: int, chunk: int = _CHUNK):
   """Exact top-kk of each row of s [qb, rb] (values; columns), by a hierarchy of chunk maxima.
 
-  The kk largest values of a row lie in the kk chunks with the largest maxima (a value outside
-  them is below kk distinct chunk maxima, each a value of its own chunk). So one max pass over s
-  gives rb/chunk maxima, whose top-kk chunks are found the same way, recursively; each level
-  then costs a top-k over kk*chunk values. CPU top-k (a partial sort per row, one thread) over
-  the whole row would cost more than the block GEMM."""
+  Split a row's columns into groups ("chunks"; here strided: chunk c holds columns c, c + nc,
+  c + 2 nc, ..., so the maxima are one elementwise max over `chunk` contiguous slices). The kk
+  largest values lie in the kk chunks with the largest maxima (a value outside them is below kk
+  chunk maxima, each a distinct value of its own chunk), so one max pass over s leaves rb/chunk
+  maxima, whose top-kk chunks are found the same way, recursively; each level then costs a top-k
+  over kk*chunk values. A CPU top-k (a partial sort per row, one thread) over the whole row
+  would cost more than the block GEMM."""
   qb, rb = s.shape
   nc = rb // chunk
   if rb % chunk or nc <= 2 * kk:
     return jax.lax.top_k(s, kk)
-  chunks = s.reshape(qb, nc, chunk)
-  _, ci = _block_topk(chunks.max(-1), kk, chunk)
-  cand = jnp.take_along_axis(chunks, ci[:, :, None], axis=1).reshape(qb, kk * chunk)
+  chunks = s.reshape(qb, chunk, nc)
+  _, ci = _block_topk(chunks.max(1), kk, chunk)
+  cand = jnp.take_along_axis(chunks, ci[:, None, :], axis=2).reshape(qb, chunk * kk)
   v, j = jax.lax.top_k(cand, kk)
-  return v, jnp.take_along_axis(ci, j // chunk, axis=1) * chunk + j % chunk
+  return v, jnp.take_along_axis(ci, j % kk, axis=1) + nc * (j // kk)
 
 
 def _topk_reducer(kk: int):
@@ -176,12 +178,16 @@ def _engine(mesh, ring: bool, reducer_key: tuple, qb: int, rb: int, dtype: str, 
   n_dev = mesh.size
   compute = DTYPES[dtype]
 
-  def block(q, carry, refs, aux, i, last):
+  def gemm(q, refs, i, last):
     n_rows = refs.shape[0]
     start = jnp.minimum(i * rb, n_rows - rb) if last and n_rows % rb else i * rb
     r = jax.lax.dynamic_slice_in_dim(refs, start, rb)
-    s = jax.lax.dot_general(q, r.astype(compute), (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(q, r.astype(compute), (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+  def reduce(carry, s, refs, aux, i, last):
+    n_rows = refs.shape[0]
+    start = jnp.minimum(i * rb, n_rows - rb) if last and n_rows % rb else i * rb
     valid = None
     if last and n_rows % rb:
       valid = start + jnp.arange(rb) >= i * rb
@@ -192,9 +198,11 @@ def _engine(mesh, ring: bool, reducer_key: tuple, qb: int, rb: int, dtype: str, 
   def scan_refs(q, carry, refs, aux):
     nb = -(-refs.shape[0] // rb)
     n_full = nb - int(refs.shape[0] % rb != 0)
-    carry = jax.lax.fori_loop(0, n_full, lambda i, c: block(q, c, refs, aux, i, False), carry)
+    # (a software pipeline, block i's GEMM beside block i-1's top-k, measured slower on 2 cores)
+    carry = jax.lax.fori_loop(
+        0, n_full, lambda i, c: reduce(c, gemm(q, refs, i, False), refs, aux, i, False), carry)
     if n_full < nb:
-      carry = block(q, carry, refs, aux, n_full, True)
+      carry = reduce(carry, gemm(q, refs, n_full, True), refs, aux, n_full, True)
     return carry
 
   def local(queries, refs, aux):
