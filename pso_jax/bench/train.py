@@ -66,6 +66,25 @@ def compile_step(config, devices=None):
   return run_one, info
 
 
+def _matmul_with_options(n: int, options):
+  """() -> GFLOP/s (best of 2 runs) of the n^3 matmul compiled with XLA `options`."""
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)) \
+      .lower(a, b).compile(compiler_options=options)
+  f(a, b).block_until_ready()
+
+  def measure() -> float:
+    best = float("inf")
+    for _ in range(2):
+      start = time.perf_counter()
+      f(a, b).block_until_ready()
+      best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+  return measure
+
+
 def main(argv):
   parser = argparse.ArgumentParser(prog="python -m pso_jax.bench train", description=__doc__)
   parser.add_argument("--preset", default="xs")
@@ -79,18 +98,25 @@ def main(argv):
 
   from pso_jax.bench.matmul import matmul_gflops
   from pso_jax.training import metrics
+  from pso_jax.training.step import compiler_options
   config = _config(args.preset, args.batch, args.dtype, args.grad_accum, args.channels)
   device = jax.devices()[0]
   print(f"train bench: preset={args.preset} channels={config.model.channels or 'preset'} "
         f"batch={args.batch} grad_accum={args.grad_accum} "
         f"dtype={args.dtype} on {jax.device_count()} x {device.device_kind}", flush=True)
   run_one, r = compile_step(config)
+  # the reference is the faster of the default matmul and the one compiled with the step's own
+  # XLA options (on CPU the step turns YNNPACK off; the ratio must not flatter it)
+  step_options = compiler_options(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",)))
+  matmul_like_step = _matmul_with_options(args.matmul_n, step_options) if step_options else None
   # alternate the two measurements and keep the best of each: on a shared machine the load
   # changes from second to second, and the ratio should compare like with like
   step_s, mm = float("inf"), 0.0
   for _ in range(args.steps):
     step_s = min(step_s, run_one())
     mm = max(mm, matmul_gflops(args.matmul_n, repeats=2) * r["devices"])
+    if matmul_like_step:
+      mm = max(mm, matmul_like_step() * r["devices"])
   r.update(step_s=step_s, images_per_s=r["batch"] / step_s, gflops=r["gflop_per_step"] / step_s)
   print(f"  step: {r['step_s'] * 1e3:.1f} ms, {r['images_per_s']:.2f} images/s "
         f"({r['images_per_s'] / r['devices']:.2f} per device), {r['gflop_per_step']:.2f} GFLOP/step, "
