@@ -1,7 +1,7 @@
 """All-pairs audit kernel: throughput against faiss and the matmul rate, and peak memory.
 
   python -m pso_jax.bench audit                       # moderate sizes (a minute or two on 2 cores)
-  python -m pso_jax.bench audit --n=20000 --m=100000 --memory=20000x100000,100000x1000000
+  python -m pso_jax.bench audit --memory_only --memory=20000x100000,100000x1000000  # ~10 min
 
 Same data, same run: faiss-cpu IndexFlatIP exact top-k, `knn` (exact top-k), `patient_search`
 (top-k + distinct patients at sim >= tau), and a jitted square matmul as the machine's rate.
@@ -129,7 +129,7 @@ def _memory(args):
   print("  memory (fresh process per size):")
   for n, m in sizes:
     cmd = [sys.executable, "-m", "pso_jax.bench", "audit", "--child", f"{n}x{m}",
-           *[f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "memory")]]
+           *[f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "memory", "memory_only")]]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
       print(r.stderr[-2000:])
@@ -151,14 +151,15 @@ def parse(argv):
   p.add_argument("--k", type=int, default=10)
   p.add_argument("--tau", type=float, default=0.5, help="patient-count threshold")
   p.add_argument("--per_patient", type=int, default=4, help="reference images per patient")
-  p.add_argument("--query_block", type=int, default=512)
-  p.add_argument("--ref_block", type=int, default=4096)
+  p.add_argument("--query_block", type=int, default=1024, help="as pairwise.knn's default")
+  p.add_argument("--ref_block", type=int, default=16384, help="as pairwise.knn's default")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--memory", default="1000x20000,4000x200000",
                  help="comma-separated NxM sizes for the peak-memory runs ('' to skip)")
   p.add_argument("--threads", type=int, default=0,
                  help="1: single-threaded XLA and faiss (steadier ratios on a shared machine)")
+  p.add_argument("--memory_only", action="store_true", help="skip the throughput part")
   p.add_argument("--child", default="", help=argparse.SUPPRESS)
   return p.parse_args(argv[1:])
 
@@ -174,7 +175,7 @@ def main(argv):
     n, m = (int(v) for v in args.child.split("x"))
     print(json.dumps(memory_child(n, m, args.d, args)))
     return
-  result = {"throughput": _throughput(args)}
+  result = {} if args.memory_only else {"throughput": _throughput(args)}
   if args.memory:
     result["memory"] = _memory(args)
   print(json.dumps(result, default=float))
