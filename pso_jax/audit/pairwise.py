@@ -38,6 +38,7 @@ from pso_jax.errors import UserError
 
 _CHUNK = 16           # columns per chunk for the chunk-maximum top-k
 _HOST_BATCH = 16384   # rows per host-side float64 step
+_ALIGN = 64           # bytes
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -231,6 +232,24 @@ def _engine(mesh, ring: bool, reducer_key: tuple, qb: int, rb: int, dtype: str, 
   return jax.jit(fn)
 
 
+def aligned_empty(shape, dtype=np.float32) -> np.ndarray:
+  """An uninitialised array on a 64-byte boundary: the CPU runtime uses such host arrays in
+  place, where it copies others (numpy's own are 16-byte aligned)."""
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  buf = np.empty(nbytes + _ALIGN, np.uint8)
+  off = -buf.ctypes.data % _ALIGN
+  return buf[off:off + nbytes].view(dtype).reshape(shape)
+
+
+def _as_host(x: np.ndarray, dtype) -> np.ndarray:
+  """x in dtype, 64-byte aligned; x itself when it already is."""
+  if x.dtype == dtype and x.flags.c_contiguous and x.ctypes.data % _ALIGN == 0:
+    return x
+  out = aligned_empty(x.shape, dtype)
+  out[...] = x
+  return out
+
+
 def _put(x: np.ndarray, mesh, spec) -> jax.Array:
   sharding = NamedSharding(mesh, spec)
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
@@ -249,15 +268,16 @@ def _run_engine(mesh, ring, reducer_key, queries, refs, aux, qb, rb, dtype, mask
   per = mesh.size * qb
   host_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
   if n % per:
-    qpad = np.zeros((-(-n // per) * per, queries.shape[1]), host_dtype)
+    qpad = aligned_empty((-(-n // per) * per, queries.shape[1]), host_dtype)
     qpad[:n] = queries
+    qpad[n:] = 0
   else:
-    qpad = queries.astype(host_dtype, copy=False)
+    qpad = _as_host(queries, host_dtype)
   axes = tuple(mesh.axis_names)
   spec = P(axes) if ring else P()
   fn = _engine(mesh, ring, reducer_key, qb, rb, dtype, bool(masked))
   with jax.set_mesh(mesh):
-    out = fn(_put(qpad, mesh, P(axes)), _put(refs.astype(host_dtype, copy=False), mesh, spec),
+    out = fn(_put(qpad, mesh, P(axes)), _put(_as_host(refs, host_dtype), mesh, spec),
              jax.tree.map(lambda a: _put(a, mesh, spec), aux))
   return jax.tree.map(lambda a: a[:n], _fetch(out))
 
@@ -344,7 +364,8 @@ def _candidates(queries, refs, kk, opts: _Options):
   n_rows = _blocks(m, rb, mesh.size, opts.ring) * rb if opts.ring or m < rb else m
   ids = np.arange(n_rows, dtype=np.int32)
   if n_rows > m:  # ring shards (whole blocks each) or a set smaller than one block: pad
-    rpad = np.zeros((n_rows, refs.shape[1]), np.float32)
+    rpad = aligned_empty((n_rows, refs.shape[1]))
+    rpad[m:] = 0
     rpad[:m] = refs
     refs, ids[m:] = rpad, -1
   return _run_engine(mesh, opts.ring, ("topk", kk), queries, refs, ids, qb, rb, opts.dtype,

@@ -25,13 +25,16 @@ def _data(n, m, d, per_patient, seed=0, chunk=65536, spread=0.7):
   similarity about 1 / (1 + spread^2) = 0.67, others about 0), so a query drawn near a centre
   matches that patient's images at tau = 0.5. Written in chunks so that generating them needs no
   temporaries of the full size (clean memory figures)."""
+  from pso_jax.audit.pairwise import aligned_empty
   rng = np.random.default_rng(seed)
   n_pat = max(1, m // per_patient)
   centres = rng.standard_normal((n_pat, d), dtype=np.float32)
   patients = rng.integers(0, n_pat, m)
 
   def draw(owners):
-    out = np.empty((len(owners), d), np.float32)
+    # 64-byte aligned like the arrays of a JAX embedder (np.asarray of its output), which the
+    # kernel uses in place; numpy's own 16-byte aligned arrays would be copied once per call
+    out = aligned_empty((len(owners), d))
     for a in range(0, len(owners), chunk):
       x = centres[owners[a:a + chunk]] + spread * rng.standard_normal(
           (len(owners[a:a + chunk]), d), dtype=np.float32)
