@@ -165,6 +165,13 @@ def test_global_stream_is_the_same_on_every_layout(workdir):
   late = _indices(pipeline.make_loader(source, global_batch_size=batch, seed=7, rows=range(4, 8),
                                        start_batch=5), n - 5)
   assert all(np.array_equal(w[4:], g) for w, g in zip(want[5:], late))
+  make = lambda: pipeline.make_loader(source, global_batch_size=batch, seed=7, rows=range(4, 8),
+                                      start_batch=5)
+  it = iter(make())
+  _take(it, 2)
+  again = iter(make())  # such a loader's own saved state resumes it
+  again.set_state(it.get_state())
+  assert np.array_equal(next(again)["index"], want[7][4:])
   workers = _indices(pipeline.make_loader(source, global_batch_size=batch, seed=7, rows=range(4, 8),
                                           start_batch=3, worker_count=2), 5)
   assert all(np.array_equal(w[4:], g) for w, g in zip(want[3:8], workers))
@@ -172,7 +179,8 @@ def test_global_stream_is_the_same_on_every_layout(workdir):
 
 def test_process_rows_and_layout():
   mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  rows = pipeline.process_rows(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))), 16)
+  spec = jax.sharding.PartitionSpec(("data", "fsdp"))
+  rows = pipeline.process_rows(jax.sharding.NamedSharding(mesh, spec), 16)
   assert rows == {0: list(range(16))}
   assert pipeline.row_ranges([6, 0, 1, 2, 5]) == [[0, 3], [5, 7]]
   layout = pipeline.stream_layout(num_records=88, global_batch_size=16, seed=1, shuffle=True,

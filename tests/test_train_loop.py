@@ -1,12 +1,14 @@
 """The train stage on a real tiny workdir: checkpoints, a kill and resume that continues
-bit-identically, refusal of a checkpoint from another model shape, NaN patience, a failing disk,
-and load_denoiser's EMA choices."""
+bit-identically, resumes on another number of processes (2 -> 1 and 1 -> 2, real jax.distributed
+runs) that continue the uninterrupted run, refusal of a checkpoint from another model shape or of
+a layout that cannot continue it, NaN patience, a failing disk, and load_denoiser's EMA choices."""
 
 import json
 import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -120,6 +122,84 @@ def test_kill_resume_is_bit_identical(data_workdir, uninterrupted):
   _, straight = loop.load_denoiser(_config(), uninterrupted[0], ema_std=0)
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _resumable_copy(data_workdir, src, name, step):
+  """A copy of workdir `src` as a kill right after its checkpoint of `step` would leave it (later
+  metrics lines stay: the resume drops them)."""
+  workdir = _new_workdir(data_workdir, name)
+  shutil.copytree(os.path.join(src, "diffusion"), os.path.join(workdir, "diffusion"))
+  os.remove(os.path.join(workdir, "diffusion", "COMPLETE"))
+  ckpt_dir = os.path.join(workdir, "diffusion", "checkpoints")
+  for later in [s for s in ckpt_lib.Checkpointer(ckpt_dir, keep=3).all_steps() if s > step]:
+    shutil.rmtree(os.path.join(ckpt_dir, str(later)))
+  return workdir
+
+
+def _assert_same_run(workdir, reference, rtol):
+  """Losses, gradient norms, learning rates at the steps both logged, and the final weights."""
+  got = {m["step"]: m for m in _compared(workdir)}
+  want = {m["step"]: m for m in _compared(reference)}
+  assert set(want) == {2, 4, 6, 8, 10, 12} <= set(got)
+  for key in COMPARED:
+    np.testing.assert_allclose([got[s][key] for s in sorted(want)], [want[s][key] for s in sorted(want)],
+                               rtol=rtol, err_msg=key)
+  _, a = loop.load_denoiser(_config(), workdir, ema_std=0)
+  _, b = loop.load_denoiser(_config(), reference, ema_std=0)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.multiprocess
+def test_resume_on_another_process_count(data_workdir, uninterrupted):
+  """1 -> 2 -> 1 processes: a real jax.distributed run on 127.0.0.1 (2 processes x 2 CPU devices,
+  FSDP 2) resumes the uninterrupted 1-process run's checkpoint of step 6 and checkpoints step 9;
+  this 1-process, 8-device run (FSDP 4) resumes that to step 12. Every step matches the
+  uninterrupted run: the same global batches in the same rows (so the same noise per image), the
+  weights, optimizer state and EMA resharded onto each new mesh."""
+  _, cache = data_workdir
+  workdir = _resumable_copy(data_workdir, uninterrupted[0], "procs_1_2_1", 6)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  worker = os.path.join(os.path.dirname(__file__), "train_two_process_worker.py")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(PSO_JAX_NO_PROGRESS="1")
+  procs = [subprocess.Popen([sys.executable, worker, "loop", str(i), str(port), cache, workdir],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for i in range(2)]
+  logs = [p.communicate(timeout=900)[0].decode() for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(l[-3000:] for l in logs)
+
+  ckpt_dir = os.path.join(workdir, "diffusion", "checkpoints")
+  meta = ckpt_lib.Checkpointer(ckpt_dir, keep=3).read_meta(9)
+  assert meta["data"]["start_batch"] == 6  # the 2-process loaders started at global batch 6
+  assert meta["data"]["layout"]["process_count"] == 2
+  assert meta["data"]["layout"]["rows"] == [[[0, 4]], [[4, 8]]]
+  saved_iterators = os.listdir(os.path.join(ckpt_dir, "9", "data_iter"))
+  assert sorted(f for f in saved_iterators if f.endswith(".json")) == [
+      "process_0-of-2.json", "process_1-of-2.json"]
+  config = _config()
+  config.mesh.update(fsdp=4, fsdp_min_size=64)  # another mesh: 2 x 4 on this process's 8 devices
+  loop.run(config, workdir)
+  assert [m["step"] for m in _compared(workdir)] == [2, 4, 6, 8, 9, 10, 12]  # 9: where 2 stopped
+  _assert_same_run(workdir, uninterrupted[0], rtol=1e-4)
+
+
+def test_resume_refuses_a_layout_that_cannot_continue(data_workdir, uninterrupted, monkeypatch):
+  """3 processes cannot split the saved global batch of 8, and the global batch cannot change: one
+  message each, from the checks that run before the model, the data and compilation."""
+  workdir = _resumable_copy(data_workdir, uninterrupted[0], "three_procs", 9)
+  monkeypatch.setattr(loop, "_process_count", lambda: 3)  # what 3 processes would report
+  with pytest.raises(UserError, match=r"cannot resume on 3 processes: the checkpoint of step 9 was "
+                     r"trained on 1 process\(es\), and its global batch 8 does not split .* "
+                     r"process count that divides 8 \(e\.g\. 1, 2, 4, 8\)"):
+    loop.run(_config(), workdir)
+  monkeypatch.undo()
+  config = _config()
+  config.train.batch_size = 16
+  with pytest.raises(UserError, match=r"global batch 8, this config has 16.*batch_size=8"):
+    loop.run(config, workdir)
 
 
 def test_load_denoiser_ema_choices(uninterrupted):

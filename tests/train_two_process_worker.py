@@ -1,22 +1,56 @@
-"""One process of the 2-process train-step test (tests/test_train_step.py runs two of these).
+"""One process of a 2-process jax.distributed run on 127.0.0.1 (the tests start two of these).
 
-argv: process_id port out_json. Each process has 4 CPU devices; together they form one 2 x 4 mesh
-(data x fsdp) and train the tiny model on the same fixed global batch as the 1-device reference.
+argv: process_id port out_json steps (tests/test_train_step.py): each process has 4 CPU devices;
+together they form one 2 x 4 mesh (data x fsdp) and train the tiny model on the same fixed global
+batch as the 1-device reference.
+
+argv: loop process_id port cache_dir workdir (tests/test_train_loop.py): each process has 2 CPU
+devices (a 2 x 2 mesh, FSDP 2); the train loop resumes `workdir` (a 1-process run's checkpoint)
+for 3 steps and checkpoints.
 """
 
 import importlib.util
 import json
 import os
 import sys
+import time
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+LOOP = sys.argv[1:2] == ["loop"]
+DEVICES = 2 if LOOP else 4
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_num_cpu_devices", DEVICES)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+def _tiny_config():
+  spec = importlib.util.spec_from_file_location("cxr", os.path.join(ROOT, "configs", "cxr.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("tiny")
+
+
+def loop_main(process_id: int, port: int, cache: str, workdir: str) -> None:
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                             process_id=process_id)
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()  # grain reads absl flags
+  from pso_jax.training import loop
+  config = _tiny_config()
+  config.train.total_images = config.train.batch_size * 12
+  config.mesh.update(data=-1, fsdp=2, fsdp_min_size=64)
+  assert jax.device_count() == 4 and jax.local_device_count() == 2
+  start = time.time()
+  summary = loop.run(config, workdir, stop_after_steps=3)  # resumes a 1-process checkpoint
+  print(f"process {process_id}: steps up to {summary['steps']} in {time.time() - start:.1f} s",
+        flush=True)
+  jax.distributed.shutdown()
 
 
 def main(process_id: int, port: int, out: str, steps: int) -> None:
@@ -27,10 +61,7 @@ def main(process_id: int, port: int, out: str, steps: int) -> None:
   from pso_jax.models.presets import build_model, model_input_shape
   from pso_jax.training import mesh as mesh_lib, sharding, step as step_lib
 
-  spec = importlib.util.spec_from_file_location("cxr", os.path.join(ROOT, "configs", "cxr.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = _tiny_config()
   config.mesh.update(data=2, fsdp=4, fsdp_min_size=64)
   assert jax.device_count() == 8 and jax.local_device_count() == 4
 
@@ -62,4 +93,7 @@ def main(process_id: int, port: int, out: str, steps: int) -> None:
 
 
 if __name__ == "__main__":
-  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+  if LOOP:
+    loop_main(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+  else:
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))

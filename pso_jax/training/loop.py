@@ -172,6 +172,10 @@ def _every(images: int, batch: int) -> int:
   return max(1, int(images) // batch)
 
 
+def _process_count() -> int:  # one place (tests stand in another count for the resume check)
+  return jax.process_count()
+
+
 def _setup(config, workdir: str, out_dir: str, mesh, source, ckpt):
   """Checks a resume's layout, builds the loader at the right stream position and the state
   (fresh, or restored into this mesh's shardings): everything before compilation.
@@ -185,7 +189,7 @@ def _setup(config, workdir: str, out_dir: str, mesh, source, ckpt):
   # a resume on another process / device layout must be able to continue the saved sample stream
   pipeline.check_resume(None if saved_stream is None else saved_stream["layout"], step=start,
                         global_batch_size=batch_size, grad_accum=int(config.train.grad_accum),
-                        process_count=jax.process_count(), device_count=mesh.size)
+                        process_count=_process_count(), device_count=mesh.size)
   mesh_lib.micro_batch_size(batch_size, int(config.train.grad_accum), mesh)
   model = presets.build_model(config)
   os.makedirs(out_dir, exist_ok=True)
@@ -211,6 +215,10 @@ def _setup(config, workdir: str, out_dir: str, mesh, source, ckpt):
     # continues from its saved state on the same layout, from global batch `start` on another
     state, _ = ckpt.restore(start, sharding.with_shardings(abstract, shardings),
                             stream if same_layout else None)
+    if jax.process_index() == 0 and saved_stream is None:
+      logging.warning("train: the checkpoint of step %d has no data stream layout (written before "
+                      "layouts were saved); the loaders restart the global stream at batch %d, "
+                      "which continues exactly only a 1-process run", start, start)
     if jax.process_index() == 0:
       logging.info("train: resuming after step %d (%d images)%s", start, start * batch_size,
                    "" if same_layout else
