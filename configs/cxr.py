@@ -127,6 +127,11 @@ def _recipe():
   ri.scans_per_patient = 4         # batches are (batch_size / this) patients x this many scans
   ri.crop_min_scale = 0.7          # augmentation: random resized crop area in [this, 1]
   ri.intensity = 0.1               # augmentation: contrast / brightness jitter
+  ri.shift = 2                     # augmentation: whole-pixel shift of up to this many data
+                                   # pixels, before resizing to image_size (0: off)
+  ri.shift_mode = "both"           # edge: repeat the border | wrap: np.roll | both: either
+  ri.embed_shifts = 0              # >0: embeddings averaged over all whole-pixel shifts up to
+                                   # this many data pixels ((2n+1)^2 net evaluations per image)
   ri.weight_decay = 0.0
   ri.max_pairs = 2_000_000         # calibration/test pairs: all positives, negatives capped here
   ri.batch_size = 32
@@ -240,8 +245,12 @@ def _demo(c):
   c.reid.width = 16
   c.reid.embed_dim = 64
   c.reid.batch_size = 64
-  c.reid.steps = 600
+  c.reid.steps = 1200              # 600 leaves 1-px-shifted copies of training images unflagged
   c.reid.lr = 1e-3
+  c.reid.crop_min_scale = 1.0      # no zoom (scans vary it by ~2.5%): AUC 0.99 vs 0.98 with 0.7
+  c.reid.shift = 2                 # a 1-px shift at 32 px is a half-pixel one at the net's 16 px
+  c.reid.embed_shifts = 1          # 9 evaluations per image: 1-px-shifted copies of training
+                                   # images embed at >= 0.95 to their source (0.65 without either)
   c.classifier.arch = "small_resnet"
   c.classifier.image_size = 16      # mean AUROC 0.92 at 16 px vs 0.94 at 32 px, for ~1/5 the time
   c.classifier.width = 16
@@ -283,6 +292,7 @@ def _tiny(c):
   c.reid.width = 8
   c.reid.batch_size = 16
   c.reid.steps = 20
+  c.reid.embed_shifts = 0
   c.classifier.image_size = 16
   c.classifier.width = 8
   c.classifier.batch_size = 16

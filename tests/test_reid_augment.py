@@ -45,3 +45,24 @@ def test_random_translate_off_and_bad_mode():
   np.testing.assert_array_equal(augment.random_translate(x, jax.random.key(1), 0), x)
   with pytest.raises(ValueError, match="translate mode"):
     augment.random_translate(x, jax.random.key(1), 1, "reflect")
+
+
+def test_shift_averaged_embedding():
+  """embed_images(shifts=1): the normalised mean of the plain embeddings of the 9 edge-filled
+  whole-pixel shifts of each image."""
+  from pso_jax.audit import reid
+  from pso_jax.models import cnn
+  spec = cnn.CnnSpec("small_resnet", "embed", 8, image_size=8, channels=1, width=4, blocks=(1, 1))
+  model = cnn.build_cnn(spec)
+  variables = cnn.init_cnn(spec, jax.random.key(0))
+  x = np.random.default_rng(0).integers(0, 256, (5, 12, 12, 1), np.uint8)
+  got = np.asarray(reid.embed_images(model, variables, x, spec, shifts=1))
+  plain = lambda im: np.asarray(reid.embed_images(model, variables, im, spec))
+  manual = sum(plain(np.stack([_edge_shift(a, dy, dx) for a in x]))
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+  manual /= np.linalg.norm(manual, axis=1, keepdims=True)
+  np.testing.assert_allclose(got, manual, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+  stack = np.asarray(reid.shift_stack(x, 2))
+  assert stack.shape == (25, 5, 12, 12, 1)
+  np.testing.assert_array_equal(stack[12], x)  # the middle of the stack is the unshifted image

@@ -140,18 +140,46 @@ def calibrate_tau(sims, same, mode: str, target_fpr: float) -> float:
 
 # ------------------------------------------------------------------ the trained model
 
+def shift_stack(x, shifts: int):
+  """[N, H, W, C] -> [(2 shifts + 1)^2, N, H, W, C]: x moved by every whole-pixel (dy, dx) in
+  [-shifts, shifts]^2, the gap filled by repeating the border (as augment.random_translate)."""
+  if shifts <= 0:
+    return x[None]
+  s, h, w = shifts, x.shape[1], x.shape[2]
+  padded = jnp.pad(x, ((0, 0), (s, s), (s, s), (0, 0)), mode="edge")
+  return jnp.stack([padded[:, oy:oy + h, ox:ox + w] for oy in range(2 * s + 1)
+                    for ox in range(2 * s + 1)])
+
+
+def embed_images(model, variables, images, spec: cnn.CnnSpec, shifts: int = 0):
+  """Unit-norm embeddings of uint8 images; with shifts > 0, the normalised mean of the embeddings
+  of every whole-pixel shift of the image up to `shifts` data pixels. The net sees images
+  downsampled and strided, so a 1-px shift is a sub-pixel phase change it is not invariant to;
+  averaging over the phases makes a shifted copy share most of its terms with the original."""
+  stack = shift_stack(images, shifts)
+  n = stack.shape[0] * stack.shape[1]
+  z = model.apply(variables, cnn.preprocess(stack.reshape((n,) + stack.shape[2:]), spec),
+                  train=False)
+  if shifts <= 0:
+    return z
+  z = jnp.mean(z.reshape(stack.shape[:2] + z.shape[1:]), axis=0)
+  return z / jnp.sqrt(jnp.sum(z * z, axis=-1, keepdims=True) + 1e-12)
+
+
 @dataclasses.dataclass
 class ReidModel:
-  """A trained embedder: `.embed(images_uint8 NHWC) -> [N, d] unit-norm float32`, `.tau`."""
+  """A trained embedder: `.embed(images_uint8 NHWC) -> [N, d] unit-norm float32`, `.tau`.
+  embed_shifts > 0: embeddings averaged over whole-pixel shifts (`embed_images`)."""
   spec: cnn.CnnSpec
   variables: dict
   tau: float
   batch_size: int = 256
+  embed_shifts: int = 0
 
   def __post_init__(self):
-    model, spec = cnn.build_cnn(self.spec), self.spec
+    model, spec, shifts = cnn.build_cnn(self.spec), self.spec, int(self.embed_shifts)
     # weights as an argument, not a closure: big nets would otherwise be baked into the program
-    apply = jax.jit(lambda v, x: model.apply(v, cnn.preprocess(x, spec), train=False))
+    apply = jax.jit(lambda v, x: embed_images(model, v, x, spec, shifts))
     self._sharding = supervised.local_data_sharding()  # batches split over the local devices
     replicated = jax.sharding.NamedSharding(self._sharding.mesh, jax.sharding.PartitionSpec())
     self._apply = functools.partial(apply, jax.device_put(self.variables, replicated))
@@ -179,4 +207,5 @@ def load_reid(workdir: str, subdir: str = SUBDIR) -> ReidModel:
   spec = cnn.CnnSpec.from_dict(result["model"])
   abstract = jax.eval_shape(lambda: cnn.init_cnn(spec, jax.random.key(0)))
   variables = supervised.restore_variables(checkpoint_dir(out_dir), abstract)
-  return ReidModel(spec=spec, variables=variables, tau=float(result["tau"]))
+  return ReidModel(spec=spec, variables=variables, tau=float(result["tau"]),
+                   embed_shifts=int(result.get("embed_shifts", 0)))

@@ -48,11 +48,13 @@ def make_sampler(images, patient_ids, batch_size: int, scans_per_patient: int, s
 
 
 def make_inputs_fn(section, spec: cnn.CnnSpec):
-  """Training augmentation: mild random resized crop and exposure jitter, no flip (left-right
-  anatomy is part of what identifies a patient)."""
+  """Training augmentation: a whole-pixel shift at the data's resolution, mild random resized crop
+  and exposure jitter, no flip (left-right anatomy is part of what identifies a patient)."""
   def inputs_fn(images, key):
-    k_crop, k_int = jax.random.split(key)
+    k_shift, k_crop, k_int = jax.random.split(key, 3)
     x = cnn.to_unit_float(images)
+    # before the resize: a copy shifted by 1 px at 32 px is a half-pixel shift at the net's 16 px
+    x = augment.random_translate(x, k_shift, int(section.shift), str(section.shift_mode))
     x = augment.random_resized_crop(x, k_crop, spec.image_size, (section.crop_min_scale, 1.0),
                                     (0.9, 1 / 0.9))
     x = augment.random_intensity(x, k_int, section.intensity)
@@ -94,6 +96,11 @@ def check_splits(splits: dict, section) -> None:
                       f"{counts.max() if len(counts) else 0} images each: re-id needs at least two "
                       "patients and one patient with two or more scans per split (use more patients "
                       "or scans per patient)")
+  if (int(section.shift) < 0 or int(section.embed_shifts) < 0
+      or section.shift_mode not in augment.TRANSLATE_MODES):
+    raise UserError(f"config.reid.shift and embed_shifts must be >= 0 (0: off) and "
+                    f"config.reid.shift_mode one of {augment.TRANSLATE_MODES}, got "
+                    f"{section.shift}, {section.embed_shifts} and {section.shift_mode!r}")
   if section.tau_mode not in reid.TAU_MODES:
     raise UserError(f"config.reid.tau_mode must be one of {reid.TAU_MODES}, "
                     f"got {section.tau_mode!r}")
@@ -123,7 +130,8 @@ def train_reid(config, splits: dict, out_dir: str, key=None) -> dict:
   supervised.save_variables(reid.checkpoint_dir(out_dir), fitted.variables)
   supervised.write_history(os.path.join(out_dir, "metrics.jsonl"), fitted.history)
 
-  model = reid.ReidModel(spec=spec, variables=fitted.variables, tau=float("nan"))
+  model = reid.ReidModel(spec=spec, variables=fitted.variables, tau=float("nan"),
+                         embed_shifts=int(section.embed_shifts))
   common = dict(max_pairs=int(section.max_pairs), resamples=int(section.bootstrap),
                 seed=int(config.seed))
   start = time.time()
@@ -136,7 +144,8 @@ def train_reid(config, splits: dict, out_dir: str, key=None) -> dict:
       "tau_provenance": f"calibrated on {val['n_different']} different-patient and "
                         f"{val['n_same']} same-patient VAL pairs ({section.tau_mode})",
       "auc": test["auc"], "auc_ci": test["auc_ci"], "tpr": test["tpr"], "fpr": test["fpr"],
-      "val": val, "test": test, "model": spec.to_dict(), "steps": steps,
+      "val": val, "test": test, "model": spec.to_dict(),
+      "embed_shifts": int(section.embed_shifts), "steps": steps,
       "final_loss": fitted.history[-1]["loss"], "train_seconds": fitted.seconds,
       "eval_seconds": time.time() - start, "checkpoint": reid.checkpoint_dir(out_dir)}
 

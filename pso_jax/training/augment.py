@@ -33,26 +33,33 @@ def random_resized_crop(x, key, out_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 
   return jax.vmap(lambda im, k: _crop_one(im, k, out_size, scale, ratio))(x, keys)
 
 
-TRANSLATE_MODES = ("edge", "wrap")
+TRANSLATE_MODES = ("edge", "wrap", "both")
 
 
 def random_translate(x, key, max_shift: int, mode: str = "edge"):
   """Shifts each image by its own integer (dy, dx), uniform in [-max_shift, max_shift]^2 pixels.
 
   Pad by max_shift and cut the image back out at the shifted offset, so the content moves by
-  exactly whole pixels (no resampling blur): "edge" repeats the border row/column into the gap,
-  "wrap" is np.roll. Shifts too small to matter for a pose change still move every pixel, which a
+  exactly whole pixels (no resampling blur). What fills the gap: "edge" repeats the border
+  row/column, "wrap" brings in the opposite border (np.roll), "both" picks one of the two per
+  image. Shifts too small to matter for a pose change still move every pixel, which a
   downsampled, strided CNN otherwise sees as a different image (aliasing).
   """
   if max_shift <= 0:
     return x
   if mode not in TRANSLATE_MODES:
     raise ValueError(f"translate mode must be one of {TRANSLATE_MODES}, got {mode!r}")
+  k_offset, k_mode = jax.random.split(key)
   n, h, w, c = x.shape
   s = int(max_shift)
-  padded = jnp.pad(x, ((0, 0), (s, s), (s, s), (0, 0)), mode=mode)
+  pad = lambda m: jnp.pad(x, ((0, 0), (s, s), (s, s), (0, 0)), mode=m)
+  if mode == "both":
+    wrap = jax.random.bernoulli(k_mode, 0.5, (n, 1, 1, 1))
+    padded = jnp.where(wrap, pad("wrap"), pad("edge"))
+  else:
+    padded = pad(mode)
   # offset o cuts rows o..o+h-1 of the padded image: output[y] = input[y + o - s], a shift by s - o
-  offsets = jax.random.randint(key, (n, 2), 0, 2 * s + 1)
+  offsets = jax.random.randint(k_offset, (n, 2), 0, 2 * s + 1)
   return jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(
       padded, offsets)
 
