@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from conftest import load_config
-from pso_jax import stages, workdir as workdir_lib
+from conftest import clone_workdir, load_config
+from pso_jax import stages
 from pso_jax.audit import audit_stage, canaries as canaries_lib, synthetic_set
 from pso_jax.data import phantom
 from pso_jax.errors import UserError
@@ -121,14 +121,12 @@ def _write_released(workdir, images, paths, source_index):
   open(os.path.join(root, "COMPLETE"), "w").write("ok\n")
 
 
-def test_stage_with_trained_reid_and_canaries(tmp_path):
+def test_stage_with_trained_reid_and_canaries(tiny_trained_workdir, tmp_path):
   from pso_jax.data import dataset
-  config = load_config("tiny")
+  config, trained = tiny_trained_workdir
+  config = copy.deepcopy(config)
   config.audit.canaries = 4
-  wd = str(tmp_path)
-  workdir_lib.prepare_workdir(wd, config)
-  stages.get_stage("prepare")(config, wd)
-  stages.get_stage("train_reid")(config, wd)
+  wd = clone_workdir(trained, tmp_path / "run")  # the suite's trained re-id, copied to write into
   val = dataset.load_arrays(wd, "val", keys=("image", "path"))
   n_train = len(dataset.load_split(wd, "train"))
   src = np.arange(len(val["image"])) % n_train

@@ -8,22 +8,22 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pso_jax import io_utils, stages, workdir as workdir_lib
+from pso_jax import io_utils, stages
 from pso_jax.audit import reid
 from pso_jax.data import dataset
 from pso_jax.errors import UserError
 from pso_jax.evaluate import classifier as classifier_lib
 from pso_jax.evaluate import evaluate_stage
-from tests.conftest import load_config
+from tests.conftest import clone_workdir
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  config = load_config("tiny")
-  workdir = str(tmp_path_factory.mktemp("cnn") / "run")
-  workdir_lib.prepare_workdir(workdir, config)
-  results = {m: stages.get_stage(m)(config, workdir)
-             for m in ("prepare", "train_reid", "train_classifier")}
+def trained(tiny_trained_workdir, tmp_path_factory):
+  """The suite's tiny trained workdir, copied (evaluate writes into it); the finished stages
+  return their stored results."""
+  config, src = tiny_trained_workdir
+  workdir = clone_workdir(src, tmp_path_factory.mktemp("cnn") / "run")
+  results = {m: stages.get_stage(m)(config, workdir) for m in ("train_reid", "train_classifier")}
   return config, workdir, results
 
 
