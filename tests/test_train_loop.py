@@ -154,9 +154,10 @@ def _assert_same_run(workdir, reference, rtol):
 def test_resume_on_another_process_count(data_workdir, uninterrupted):
   """1 -> 2 -> 1 processes: a real jax.distributed run on 127.0.0.1 (2 processes x 2 CPU devices,
   FSDP 2) resumes the uninterrupted 1-process run's checkpoint of step 6 and checkpoints step 9;
-  this 1-process, 8-device run (FSDP 4) resumes that to step 12. Every step matches the
-  uninterrupted run: the same global batches in the same rows (so the same noise per image), the
-  weights, optimizer state and EMA resharded onto each new mesh."""
+  this 1-process, 8-device run (replicated weights, the uninterrupted run's compiled step) resumes
+  that to step 12. Every step matches the uninterrupted run: the same global batches in the same
+  rows (so the same noise per image), the weights, optimizer state and EMA resharded onto each
+  new mesh."""
   _, cache = data_workdir
   workdir = _resumable_copy(data_workdir, uninterrupted[0], "procs_1_2_1", 6)
   with socket.socket() as s:
@@ -179,9 +180,7 @@ def test_resume_on_another_process_count(data_workdir, uninterrupted):
   saved_iterators = os.listdir(os.path.join(ckpt_dir, "9", "data_iter"))
   assert sorted(f for f in saved_iterators if f.endswith(".json")) == [
       "process_0-of-2.json", "process_1-of-2.json"]
-  config = _config()
-  config.mesh.update(fsdp=4, fsdp_min_size=64)  # another mesh: 2 x 4 on this process's 8 devices
-  loop.run(config, workdir)
+  loop.run(_config(), workdir)  # FSDP-sharded arrays of 2 processes, read replicated on 8 devices
   assert [m["step"] for m in _compared(workdir)] == [2, 4, 6, 8, 9, 10, 12]  # 9: where 2 stopped
   _assert_same_run(workdir, uninterrupted[0], rtol=1e-4)
 

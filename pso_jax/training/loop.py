@@ -3,7 +3,10 @@
 diffusion/ holds the orbax checkpoints (with the grain iterator state), EMA snapshots, the
 k-anonymous neighbours, metrics.jsonl, TensorBoard events, and COMPLETE once
 config.train.total_images were seen; a rerun then returns at once, a rerun after a kill resumes
-after the newest checkpoint and continues exactly as an uninterrupted run would.
+after the newest checkpoint and continues exactly as an uninterrupted run would, also on another
+number of processes, devices or loader workers (the global batch is fixed for a run and must
+divide over them): weights, optimizer state and EMA are read into the new mesh's shardings and the
+loaders continue the same global sample stream at the checkpoint's batch (data/pipeline.py).
 """
 
 import math
