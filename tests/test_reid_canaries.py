@@ -2,8 +2,10 @@
 their patient, while real images of unseen patients stay at the control's rate.
 
 The embedder is trained here, on the demo's geometry (32 px phantom scans seen by the net at
-16 px, where a 1-px shift is a half-pixel one) but on fewer patients and steps, so it trains in
-seconds; the suite's tiny workdir trains its re-id for 20 steps at 16 px, too weak for this.
+16 px, where a 1-px shift is a half-pixel one) but on 48 training patients for 400 steps, ~25 s
+on 2 cores; the suite's tiny workdir re-id (20 steps, test AUC ~0.73) is too weak for this.
+Without the shift augmentation and shift-averaged embeddings both tests fail (2 of 10 shifted
+canaries not singled out; 1% of shifted training images nearest another patient).
 """
 
 import os
