@@ -58,7 +58,10 @@ def tiny_trained_workdir(tmp_path_factory):
   write into it copy it first (`clone_workdir`)."""
   import fcntl
   from pso_jax import stages, workdir as workdir_lib
-  root = tmp_path_factory.getbasetemp().parent
+  # xdist workers' base temps sit in one folder per test run; a plain run's base temp is its own
+  # (its parent is shared by every run and would serve stale models built by older code)
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
   target = root / "tiny_trained"
   config = load_config("tiny")
   with open(root / "tiny_trained.lock", "w") as lock:
