@@ -166,3 +166,22 @@ def test_chance_match_calibration_raises_tau(phantom_sets):
   s = emb["train"].astype(np.float64) @ emb["train"].astype(np.float64).T
   s[train["patient_id"][:, None] == train["patient_id"][None]] = -np.inf
   np.testing.assert_allclose(np.sort(other), np.sort(s.max(1)), atol=1e-6)
+
+
+def test_a_canary_is_flagged_when_named_even_if_it_matches_two_patients():
+  """Flag = linked to a training patient with its own patient nearest; isolation is not needed (a
+  copy of a patient who chance-matches another matches both), a wrong nearest patient is a miss."""
+  def evidence(nearest, matched, singles_out):
+    return {"nearest_patient": nearest, "reidentified": matched > 0, "singles_out": singles_out,
+            "n_patients_matched": matched, "similarity": 0.99}
+  planted = canaries_lib.Canaries(position=np.array([0, 1]), train_index=np.array([5, 6]),
+                                  patient=np.array(["p1", "p2"]), kind=np.array(["exact", "shift"]))
+  two_patients = {"evidence": [evidence("p1", 1, True), evidence("p2", 2, False)]}
+  c = audit_stage.check_canaries(two_patients, planted)
+  assert c["all_flagged"] and c["named"] == 2 and c["singled_out"] == 1
+  assert c["by_kind"]["shift"] == {"n": 1, "named": 1, "singled_out": 0}
+  wrong = {"evidence": [evidence("p1", 1, True), evidence("p9", 1, True)]}
+  c = audit_stage.check_canaries(wrong, planted)
+  assert not c["all_flagged"] and c["named"] == 1
+  unlinked = {"evidence": [evidence("p1", 1, True), evidence("p2", 0, False)]}
+  assert not audit_stage.check_canaries(unlinked, planted)["all_flagged"]

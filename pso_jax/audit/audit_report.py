@@ -120,7 +120,9 @@ def page(result: dict, shown: list) -> str:
     body += html.section("Canaries", (
         f"<p>{html.verdict(c['all_flagged'], 'every canary flagged', 'canaries missed')}: "
         f"{c['named']} / {c['n']} named with their patient, {c['singled_out']} / {c['n']} "
-        "singled out.</p>" + html.table(
+        "singled out. A canary is flagged when the audit links it to a training patient and "
+        "names its own; it singles out only when that patient is also the only one it matches.</p>"
+        + html.table(
             ["kind", "planted", "named", "singled out"],
             [[k, v["n"], v["named"], v["singled_out"]] for k, v in c["by_kind"].items()])
         + html.table(
