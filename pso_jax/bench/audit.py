@@ -102,7 +102,7 @@ def _throughput(args):
   stats, rates = {}, []
   mm_dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   fns = {
-      "matmul": lambda: rates.append(matmul_gflops(2048, mm_dtype, repeats=2)),
+      "matmul": lambda: rates.append(matmul_gflops(2048, mm_dtype, repeats=5)),
       "faiss": lambda: index.search(q, k),
       "knn": lambda: pairwise.knn(q, r, k, stats=stats, **opts),
       "patient_search": lambda: pairwise.patient_search(q, r, patients, args.tau, k, **opts)}
