@@ -98,7 +98,7 @@ def main(argv):
 
   from pso_jax.bench.matmul import matmul_gflops
   from pso_jax.training import metrics
-  from pso_jax.training.step import compiler_options
+  from pso_jax.training.mesh import compiler_options
   config = _config(args.preset, args.batch, args.dtype, args.grad_accum, args.channels)
   device = jax.devices()[0]
   print(f"train bench: preset={args.preset} channels={config.model.channels or 'preset'} "

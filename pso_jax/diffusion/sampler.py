@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pso_jax.training.mesh import compiler_options
+
 DenoiseFn = Callable[[jax.Array, jax.Array, Any], jax.Array]  # (x, sigma [B], cond) -> D(x)
 
 
@@ -171,7 +173,8 @@ class GuidedSampler:
         return heun_sample(denoise, noise, cond, guidance=guidance, ref_denoise_fn=ref_denoise,
                            **schedule)
 
-      self._compiled[guided] = jax.jit(sample, out_shardings=out_sharding)
+      self._compiled[guided] = jax.jit(sample, out_shardings=out_sharding,
+                                       compiler_options=compiler_options(self.mesh))
     return self._compiled[guided]
 
   def _arguments(self, seeds, cond, guidance):

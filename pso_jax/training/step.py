@@ -103,22 +103,10 @@ def make_train_step(model, config):
   return train_step
 
 
-# XLA:CPU (jax 0.10) hands convolutions, dots and elementwise fusions to YNNPACK by default. On
-# this model's 3x3 convolutions its kernel-gradient convolution runs at a third to a half of the
-# rate of XLA's own (Eigen) convolution and needs extra transposes; with YNNPACK off the whole
-# step is ~1.2x (tiny preset) to ~1.9x (xs) faster, with the same numbers to float rounding.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-def compiler_options(mesh):
-  """XLA options for programs run on `mesh`: CPU_COMPILER_OPTIONS on CPU, none elsewhere."""
-  return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
-
-
 def jit_train_step(step_fn, state_shardings, mesh):
   """jax.jit with the state in its FSDP shardings (donated), the batch split over every device."""
   return jax.jit(step_fn,
                  in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh),
                                NamedSharding(mesh, P())),
                  out_shardings=(state_shardings, NamedSharding(mesh, P())),
-                 donate_argnums=(0,), compiler_options=compiler_options(mesh))
+                 donate_argnums=(0,), compiler_options=mesh_lib.compiler_options(mesh))
