@@ -144,6 +144,11 @@ def stream_layout(*, num_records: int, global_batch_size: int, seed: int, shuffl
               rows=[row_ranges(rows_by_process[p]) for p in sorted(rows_by_process)])
 
 
+def _divisors(n: int, most: int = 8) -> str:
+  """The first divisors of n, for error messages: "1, 2, 4, 8"."""
+  return ", ".join([str(d) for d in range(1, n + 1) if n % d == 0][:most])
+
+
 def check_resume(saved: dict | None, *, step: int, global_batch_size: int, grad_accum: int,
                  process_count: int, device_count: int) -> None:
   """UserError, before any work, when the run saved at `step` cannot continue its sample stream
@@ -158,20 +163,18 @@ def check_resume(saved: dict | None, *, step: int, global_batch_size: int, grad_
         f"is fixed for a run (its data order and schedule depend on it): resume with "
         f"--config.train.batch_size={batch}, or train the new batch in a new --workdir")
   if batch % process_count:
-    divisors = sorted({d for d in range(1, batch + 1) if batch % d == 0})
     raise UserError(
         f"cannot resume on {process_count} processes: {was}, and its global batch {batch} does "
         f"not split into {process_count} equal per-process shares, so the saved sample stream "
         f"cannot continue exactly. Resume on a process count that divides {batch} "
-        f"(e.g. {', '.join(map(str, divisors[:8]))})")
+        f"(e.g. {_divisors(batch)})")
   micro = batch // max(1, int(grad_accum))
   if micro % device_count:
-    divisors = sorted({d for d in range(1, micro + 1) if micro % d == 0})
     raise UserError(
         f"cannot resume on {device_count} devices: {was}, and its micro-batch {micro} (global "
         f"batch {batch}, grad_accum={grad_accum}) does not split evenly over {device_count} "
         f"devices. Resume on a device count that divides {micro} (e.g. "
-        f"{', '.join(map(str, divisors[:8]))}; one process may use fewer with "
+        f"{_divisors(micro)}; one process may use fewer with "
         "--config.mesh.data)")
 
 
