@@ -8,6 +8,7 @@ Every process of a multi-host run executes this same program.
 """
 
 import json
+import logging as std_logging
 import os
 import sys
 import time
@@ -68,9 +69,15 @@ def record_timing(workdir: str, mode: str, seconds: float) -> None:
     f.write(line + "\n")
 
 
+def _quiet_checkpoint_library(record) -> bool:
+  """Hides orbax's per-checkpoint INFO lines (dozens per save or load); its warnings still show."""
+  return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_quiet_checkpoint_library)
   config = FLAGS.config
   try:
     if config is None:
