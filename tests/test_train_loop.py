@@ -279,3 +279,20 @@ def test_bad_settings_stop_before_work(data_workdir):
     loop.run(config, workdir)
   with pytest.raises(UserError, match="prepare"):
     loop.run(_config(), str(data_workdir[0] / "no_data"))
+
+
+def test_a_failed_compile_closes_the_checkpointer_and_metrics(data_workdir, monkeypatch):
+  """Whatever fails after the checkpoint manager opens (here the step's compilation), its
+  threads and the metrics files are closed, so the process can go on or retry."""
+  from pso_jax.training import checkpoint as ckpt_lib, step as step_lib
+  closed = []
+  for cls, name in ((ckpt_lib.Checkpointer, "checkpointer"), (metrics_lib.MetricsWriter, "metrics")):
+    original = cls.close
+    monkeypatch.setattr(cls, "close", lambda self, _o=original, _n=name: (closed.append(_n), _o(self)))
+
+  def broken_jit(*args, **kwargs):
+    raise RuntimeError("compilation failed")
+  monkeypatch.setattr(step_lib, "jit_train_step", broken_jit)
+  with pytest.raises(RuntimeError, match="compilation failed"):
+    loop.run(_config(), _new_workdir(data_workdir, "failed_compile"))
+  assert closed == ["metrics", "checkpointer"]

@@ -9,6 +9,7 @@ divide over them): weights, optimizer state and EMA are read into the new mesh's
 loaders continue the same global sample stream at the checkpoint's batch (data/pipeline.py).
 """
 
+import contextlib
 import math
 import os
 import time
@@ -247,37 +248,37 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
   ckpt = ckpt_lib.Checkpointer(os.path.join(out_dir, "checkpoints"),
                                keep=int(config.train.keep_checkpoints),
                                async_save=bool(config.train.async_checkpoint))
-  try:
+  # closed in reverse order on any exit, a failed setup or compile included
+  with contextlib.ExitStack() as cleanup:
+    cleanup.callback(ckpt.close)
     state, stream, kanon_table, start, stream_meta, shardings, model = _setup(
         config, workdir, out_dir, mesh, source, ckpt)
-  except BaseException:
-    ckpt.close()
-    raise
-  _, train_key = _keys(config)
+    _, train_key = _keys(config)
 
-  total_steps = math.ceil(int(config.train.total_images) / batch_size)
-  ckpt_every = _every(config.train.checkpoint_images, batch_size)
-  snap_every = _every(config.train.snapshot_images, batch_size)
-  log_every = max(1, int(config.train.log_every_steps))
-  snap_dir = os.path.join(out_dir, "ema_snapshots")
-  writer = metrics_lib.MetricsWriter(out_dir, resume_step=start)
+    total_steps = math.ceil(int(config.train.total_images) / batch_size)
+    ckpt_every = _every(config.train.checkpoint_images, batch_size)
+    snap_every = _every(config.train.snapshot_images, batch_size)
+    log_every = max(1, int(config.train.log_every_steps))
+    snap_dir = os.path.join(out_dir, "ema_snapshots")
+    writer = metrics_lib.MetricsWriter(out_dir, resume_step=start)
+    cleanup.callback(writer.close)
 
-  values, batch = None, to_global(model_batch(stream.take(), config, kanon_table), mesh)
-  with jax.set_mesh(mesh):
-    compiled = step_lib.jit_train_step(step_lib.make_train_step(model, config), shardings, mesh) \
-        .lower(state, batch, train_key).compile()
-  step_flops = metrics_lib.compiled_flops(compiled, mesh.size)
-  peak, peak_source = (metrics_lib.machine_peak_flops(list(mesh.devices.flat), config.model.dtype)
-                       if jax.process_index() == 0 else (0.0, ""))
-  if jax.process_index() == 0:
-    logging.info("train: %s; %.3g GFLOP per step; peak %.3g TFLOP/s (%s)", mesh_lib.describe(mesh),
-                 step_flops / 1e9, peak / 1e12, peak_source)
+    values, batch = None, to_global(model_batch(stream.take(), config, kanon_table), mesh)
+    with jax.set_mesh(mesh):
+      compiled = step_lib.jit_train_step(step_lib.make_train_step(model, config), shardings, mesh) \
+          .lower(state, batch, train_key).compile()
+    step_flops = metrics_lib.compiled_flops(compiled, mesh.size)
+    peak, peak_source = (metrics_lib.machine_peak_flops(list(mesh.devices.flat), config.model.dtype)
+                         if jax.process_index() == 0 else (0.0, ""))
+    if jax.process_index() == 0:
+      logging.info("train: %s; %.3g GFLOP per step; peak %.3g TFLOP/s (%s)", mesh_lib.describe(mesh),
+                   step_flops / 1e9, peak / 1e12, peak_source)
 
-  bar = progress.bar(total=total_steps, desc="train", unit="step", initial=start)
-  nan_streak, last_saved, step = 0, start, start
-  window_start, window_steps = time.perf_counter(), 0
-  stop_at = total_steps if stop_after_steps is None else min(total_steps, start + stop_after_steps)
-  try:
+    bar = progress.bar(total=total_steps, desc="train", unit="step", initial=start)
+    cleanup.callback(bar.close)
+    nan_streak, last_saved, step = 0, start, start
+    window_start, window_steps = time.perf_counter(), 0
+    stop_at = total_steps if stop_after_steps is None else min(total_steps, start + stop_after_steps)
     while step < stop_at:
       state, values = compiled(state, batch, train_key)
       step += 1
@@ -310,10 +311,6 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
       if step < stop_at:  # taken after the save: the checkpoint counts `step` batches
         batch = to_global(model_batch(stream.take(), config, kanon_table), mesh)
     ckpt.wait()
-  finally:
-    bar.close()
-    writer.close()
-    ckpt.close()
   summary = dict(steps=step, images=step * batch_size, total_steps=total_steps,
                  final_loss=None if values is None else float(values["loss"]),
                  checkpoint_step=last_saved,
