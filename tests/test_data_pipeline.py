@@ -81,7 +81,8 @@ def test_to_global_on_8_devices(workdir):
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   batch = next(iter(pipeline.make_loader(dataset.load_split(workdir, "train"),
                                          global_batch_size=16, seed=0)))
-  out = pipeline.to_global(batch, mesh)
+  out = pipeline.to_global(
+      batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
   assert isinstance(out["image"], jax.Array) and out["image"].shape == (16, 16, 16, 1)
   assert len(out["image"].sharding.device_set) == 8
   assert isinstance(out["patient_id"], np.ndarray)  # text stays on the host
@@ -101,7 +102,8 @@ loader = pipeline.make_loader(dataset.load_split(workdir, "train"), global_batch
 it = iter(loader)
 batches = [next(it) for _ in range(4)]
 mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-total = jax.jit(lambda x: jnp.sum(x))(pipeline.to_global(batches[0], mesh)["index"])
+data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+total = jax.jit(lambda x: jnp.sum(x))(pipeline.to_global(batches[0], data_sharding)["index"])
 json.dump({"indices": [b["index"].tolist() for b in batches], "global_sum": int(total),
            "devices": jax.device_count()}, open(out, "w"))
 """

@@ -195,11 +195,11 @@ def _is_numeric(x) -> bool:
   return isinstance(x, np.ndarray) and x.dtype.kind in "biufc"
 
 
-def to_global(batch: dict, mesh, spec=P("data")) -> dict:
-  """Process-local numpy batch -> global jax.Arrays sharded by `spec` on `mesh`.
+def to_global(batch: dict, sharding: NamedSharding) -> dict:
+  """Process-local numpy batch -> global jax.Arrays with `sharding` (the one its rows were
+  chosen for: `process_rows(sharding, B)`).
 
   Text fields (patient ids, paths) stay local numpy arrays: they never enter jitted code.
   """
-  sharding = NamedSharding(mesh, spec)
   return {k: jax.make_array_from_process_local_data(sharding, v) if _is_numeric(v) else v
           for k, v in batch.items()}

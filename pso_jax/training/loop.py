@@ -20,6 +20,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from pso_jax import io_utils, progress
+from pso_jax.data import pipeline
 from pso_jax.diffusion import ema as ema_lib
 from pso_jax.diffusion import regulariser
 from pso_jax.errors import UserError, require
@@ -99,11 +100,6 @@ def model_batch(records: dict, config, kanon_table=None) -> dict:
   if kanon_table is not None:
     out["kanon_cond"] = kanon_table[np.asarray(records["index"])]
   return out
-
-
-def to_global(batch: dict, mesh) -> dict:
-  s = mesh_lib.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(s, v) for k, v in batch.items()}
 
 
 class RelocatableSource:
@@ -186,7 +182,6 @@ def _setup(config, workdir: str, out_dir: str, mesh, source, ckpt):
 
   Returns (state, stream, kanon_table, start step, stream metadata to save, shardings, model).
   """
-  from pso_jax.data import pipeline
   batch_size = int(config.train.batch_size)
   start = ckpt.latest_step()
   saved_stream = None if start is None else ckpt.read_meta(start).get("data")
@@ -244,6 +239,7 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
 
   batch_size = int(config.train.batch_size)
   mesh = mesh_lib.make_mesh(config.mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh)  # the loaders' rows are this sharding's
   source = RelocatableSource(load_split(workdir, "train"))
   ckpt = ckpt_lib.Checkpointer(os.path.join(out_dir, "checkpoints"),
                                keep=int(config.train.keep_checkpoints),
@@ -263,7 +259,10 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
     writer = metrics_lib.MetricsWriter(out_dir, resume_step=start)
     cleanup.callback(writer.close)
 
-    values, batch = None, to_global(model_batch(stream.take(), config, kanon_table), mesh)
+    def next_batch():  # this process's rows of the next global batch, as global arrays
+      return pipeline.to_global(model_batch(stream.take(), config, kanon_table), batch_sharding)
+
+    values, batch = None, next_batch()
     with jax.set_mesh(mesh):
       compiled = step_lib.jit_train_step(step_lib.make_train_step(model, config), shardings, mesh) \
           .lower(state, batch, train_key).compile()
@@ -309,7 +308,7 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
                                             config=config.to_dict(), data=stream_meta))
         last_saved = step
       if step < stop_at:  # taken after the save: the checkpoint counts `step` batches
-        batch = to_global(model_batch(stream.take(), config, kanon_table), mesh)
+        batch = next_batch()
     ckpt.wait()
   summary = dict(steps=step, images=step * batch_size, total_steps=total_steps,
                  final_loss=None if values is None else float(values["loss"]),
