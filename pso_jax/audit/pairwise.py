@@ -179,19 +179,12 @@ def _engine(mesh, ring: bool, reducer_key: tuple, qb: int, rb: int, dtype: str, 
   n_dev = mesh.size
   compute = DTYPES[dtype]
 
-  def ref_block(refs, i, last):
-    n_rows = refs.shape[0]
-    start = jnp.minimum(i * rb, n_rows - rb) if last and n_rows % rb else i * rb
-    return jax.lax.dynamic_slice_in_dim(refs, start, rb).astype(compute)  # (a copy)
-
   def dot(q, r):
     return jax.lax.dot_general(q, r, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
-  def reduce(carry, s, refs, aux, i, last):
-    n_rows = refs.shape[0]
-    start = jnp.minimum(i * rb, n_rows - rb) if last and n_rows % rb else i * rb
+  def reduce(carry, s, aux, i, start, clamped):
     valid = None
-    if last and n_rows % rb:
+    if clamped:  # rows before i * rb were met in the previous block
       valid = start + jnp.arange(rb) >= i * rb
     elif masked:
       valid = jnp.ones((rb,), bool)
@@ -210,11 +203,14 @@ def _engine(mesh, ring: bool, reducer_key: tuple, qb: int, rb: int, dtype: str, 
       n_full = nb - int(refs.shape[0] % rb != 0)
 
       def per_block(i, last, carry):
-        r = ref_block(refs, i, last)
+        n_rows = refs.shape[0]
+        clamped = last and n_rows % rb != 0  # the last block is moved back to end at row n_rows
+        start = jnp.minimum(i * rb, n_rows - rb) if clamped else i * rb
+        r = jax.lax.dynamic_slice_in_dim(refs, start, rb).astype(compute)  # (a copy)
 
         def one(j, carry):
           c = jax.tree.map(lambda x: x[j], carry)
-          c = reduce(c, dot(qblocks[j], r), refs, aux, i, last)
+          c = reduce(c, dot(qblocks[j], r), aux, i, start, clamped)
           return jax.tree.map(lambda x, y: x.at[j].set(y), carry, c)
         return jax.lax.fori_loop(0, nqb, one, carry)
       carry = jax.lax.fori_loop(0, n_full, lambda i, c: per_block(i, False, c), carry)
