@@ -163,7 +163,7 @@ def embed_images(model, variables, images, spec: cnn.CnnSpec, shifts: int = 0):
   if shifts <= 0:
     return z
   z = jnp.mean(z.reshape(stack.shape[:2] + z.shape[1:]), axis=0)
-  return z / jnp.sqrt(jnp.sum(z * z, axis=-1, keepdims=True) + 1e-12)
+  return cnn.unit_norm(z)
 
 
 @dataclasses.dataclass

@@ -48,6 +48,11 @@ class BasicBlock(nn.Module):
     return nn.relu(x + y)
 
 
+def unit_norm(y):
+  """Rows of y scaled to unit L2 norm (the embedding head's output, and means of embeddings)."""
+  return y / jnp.sqrt(jnp.sum(y * y, axis=-1, keepdims=True) + 1e-12)
+
+
 class Head(nn.Module):
   """Pooled features -> unit-norm embedding or logits (always float32)."""
   out_dim: int
@@ -57,7 +62,7 @@ class Head(nn.Module):
   def __call__(self, features):
     y = nn.Dense(self.out_dim, dtype=jnp.float32)(features.astype(jnp.float32))
     if self.head == "embed":
-      y = y / jnp.sqrt(jnp.sum(y * y, axis=-1, keepdims=True) + 1e-12)
+      y = unit_norm(y)
     return y
 
 
