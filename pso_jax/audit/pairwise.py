@@ -25,7 +25,6 @@ layout (cumulative hit counts per patient segment), with the same certificate an
 
 import dataclasses
 import functools
-import math
 from typing import Any, Optional
 
 import jax

@@ -3,8 +3,6 @@ throughput of the re-id embedder and the finding classifier, with achieved GFLOP
 machine's matmul rate measured in the same run."""
 
 import argparse
-import importlib.util
-import os
 import time
 
 import jax
@@ -12,18 +10,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pso_jax.audit import reid, reid_train
+from pso_jax.bench import cxr_config
 from pso_jax.bench.matmul import matmul_gflops
 from pso_jax.evaluate import classifier as classifier_lib
 from pso_jax.models import cnn
 from pso_jax.training import supervised
-
-
-def _config(variant: str):
-  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cxr.py")
-  spec = importlib.util.spec_from_file_location("cxr_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
 
 
 def _flops(fn, args) -> float:
@@ -76,7 +67,7 @@ def main(argv):
   parser.add_argument("--variant", default="demo")
   parser.add_argument("--steps", type=int, default=20)
   args = parser.parse_args(argv[1:])
-  config = _config(args.variant)
+  config = cxr_config(args.variant)
   mesh = supervised.get_mesh(config)
   ref = matmul_gflops()
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; matmul reference "

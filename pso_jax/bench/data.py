@@ -8,7 +8,6 @@ loader with zero overhead would deliver).
 """
 
 import argparse
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -16,15 +15,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _config(variant: str):
-  spec = importlib.util.spec_from_file_location("cxr_config", os.path.join(ROOT, "configs", "cxr.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
-
+from pso_jax.bench import cxr_config
 
 def _timed(fn):
   start = time.perf_counter()
@@ -41,7 +32,7 @@ def main(argv):
   os.environ.setdefault("PSO_JAX_NO_PROGRESS", "1")
 
   from pso_jax.data import dataset, phantom, pipeline, prepare
-  config = _config(args.variant)
+  config = cxr_config(args.variant)
   workdir = args.workdir or tempfile.mkdtemp(prefix="pso_jax_bench_data_")
   try:
     if prepare.is_complete(workdir):

@@ -6,11 +6,14 @@ import jax
 import jax.numpy as jnp
 
 
-def matmul_gflops(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
-  """Best-of-`repeats` GFLOP/s of an n x n x n jitted matmul on the default device."""
+def matmul_gflops(n: int = 2048, dtype=jnp.float32, repeats: int = 5,
+                  compiler_options=None) -> float:
+  """Best-of-`repeats` GFLOP/s of an n x n x n jitted matmul on the default device, compiled
+  with XLA `compiler_options` (None: XLA's defaults)."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)) \
+      .lower(a, b).compile(compiler_options=compiler_options)
   f(a, b).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
@@ -18,3 +21,14 @@ def matmul_gflops(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
     f(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2 * n ** 3 / best / 1e9
+
+
+def reference_gflops(n: int = 2048, repeats: int = 5, compiler_options=None) -> float:
+  """The matmul reference for a program compiled with `compiler_options`: the faster of XLA's
+  default matmul and one compiled with those options, so a ratio never flatters the program by
+  comparing it with a matmul its own options slowed down (on CPU the train step and the sampler
+  turn YNNPACK off)."""
+  rate = matmul_gflops(n, repeats=repeats)
+  if compiler_options:
+    rate = max(rate, matmul_gflops(n, repeats=repeats, compiler_options=compiler_options))
+  return rate

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pso_jax.bench.matmul import matmul_gflops
+from pso_jax.bench import cxr_config
+from pso_jax.bench.matmul import reference_gflops
 from pso_jax.diffusion import sampler as S
 
 # (config variant, preset, latent kind) of each benchmarked model: xs on SD-VAE latents 64x64x4
@@ -21,14 +22,8 @@ SETUPS = {"demo": ("demo", "demo", "identity"), "tiny": ("tiny", "tiny", "identi
 
 
 def _config(name: str):
-  import importlib.util
-  import os
-  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cxr.py")
-  spec = importlib.util.spec_from_file_location("cxr_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   variant, preset, latent = SETUPS[name]
-  config = module.get_config(variant)
+  config = cxr_config(variant)
   config.model.preset, config.data.latent.kind = preset, latent
   return config
 
@@ -82,7 +77,9 @@ def main(argv):
   args = parser.parse_args(argv[1:])
   per = lambda spec: {k: int(v) for k, v in (p.split("=") for p in spec.split(","))}
   steps, batch = per(args.steps), per(args.batch)
-  matmul = matmul_gflops(args.matmul_n)
+  from pso_jax.training.mesh import compiler_options
+  sampler_options = compiler_options(jax.sharding.Mesh(np.array(jax.devices()), ("data",)))
+  matmul = reference_gflops(args.matmul_n, compiler_options=sampler_options)
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; matmul {args.matmul_n}^3: "
         f"{matmul:.1f} GFLOP/s (reference, same run)")
   for name in args.presets.split(","):

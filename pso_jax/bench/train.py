@@ -8,21 +8,16 @@ base width (the "tiny preset" target, 32x32 with 32 channels: --preset=demo --ch
 """
 
 import argparse
-import importlib.util
-import os
 import time
 
 import jax
 import numpy as np
 
+from pso_jax.bench import cxr_config
+
 
 def _config(preset: str, batch: int, dtype: str, accum: int, channels: int = 0):
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  spec = importlib.util.spec_from_file_location("cxr_config", os.path.join(root, "configs", "cxr.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  variant = {"demo": "demo", "tiny": "tiny"}.get(preset, "")
-  config = module.get_config(variant)
+  config = cxr_config({"demo": "demo", "tiny": "tiny"}.get(preset, ""))
   config.model.preset = preset
   config.model.dtype = dtype
   config.train.batch_size = batch
@@ -66,25 +61,6 @@ def compile_step(config, devices=None):
   return run_one, info
 
 
-def _matmul_with_options(n: int, options):
-  """() -> GFLOP/s (best of 2 runs) of the n^3 matmul compiled with XLA `options`."""
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)) \
-      .lower(a, b).compile(compiler_options=options)
-  f(a, b).block_until_ready()
-
-  def measure() -> float:
-    best = float("inf")
-    for _ in range(2):
-      start = time.perf_counter()
-      f(a, b).block_until_ready()
-      best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
-  return measure
-
-
 def main(argv):
   parser = argparse.ArgumentParser(prog="python -m pso_jax.bench train", description=__doc__)
   parser.add_argument("--preset", default="xs")
@@ -96,7 +72,7 @@ def main(argv):
   parser.add_argument("--matmul_n", type=int, default=2048)
   args = parser.parse_args(argv[1:])
 
-  from pso_jax.bench.matmul import matmul_gflops
+  from pso_jax.bench.matmul import reference_gflops
   from pso_jax.training import metrics
   from pso_jax.training.mesh import compiler_options
   config = _config(args.preset, args.batch, args.dtype, args.grad_accum, args.channels)
@@ -105,18 +81,13 @@ def main(argv):
         f"batch={args.batch} grad_accum={args.grad_accum} "
         f"dtype={args.dtype} on {jax.device_count()} x {device.device_kind}", flush=True)
   run_one, r = compile_step(config)
-  # the reference is the faster of the default matmul and the one compiled with the step's own
-  # XLA options (on CPU the step turns YNNPACK off; the ratio must not flatter it)
   step_options = compiler_options(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",)))
-  matmul_like_step = _matmul_with_options(args.matmul_n, step_options) if step_options else None
   # alternate the two measurements and keep the best of each: on a shared machine the load
   # changes from second to second, and the ratio should compare like with like
   step_s, mm = float("inf"), 0.0
   for _ in range(args.steps):
     step_s = min(step_s, run_one())
-    mm = max(mm, matmul_gflops(args.matmul_n, repeats=2) * r["devices"])
-    if matmul_like_step:
-      mm = max(mm, matmul_like_step() * r["devices"])
+    mm = max(mm, reference_gflops(args.matmul_n, 2, step_options) * r["devices"])
   r.update(step_s=step_s, images_per_s=r["batch"] / step_s, gflops=r["gflop_per_step"] / step_s)
   print(f"  step: {r['step_s'] * 1e3:.1f} ms, {r['images_per_s']:.2f} images/s "
         f"({r['images_per_s'] / r['devices']:.2f} per device), {r['gflop_per_step']:.2f} GFLOP/step, "

@@ -15,7 +15,7 @@ import sys
 import grain
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from pso_jax.errors import UserError
 
