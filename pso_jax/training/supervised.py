@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pso_jax import io_utils, progress
 from pso_jax.errors import UserError
+from pso_jax.models.batched_apply import local_data_mesh
 
 
 @flax.struct.dataclass
@@ -202,8 +203,7 @@ def write_history(path: str, history: list) -> None:
 
 def local_data_sharding() -> NamedSharding:
   """Batch split over this process's devices (inference: every process embeds its own images)."""
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
-  return NamedSharding(mesh, P("data"))
+  return NamedSharding(local_data_mesh(), P("data"))
 
 
 def apply_to_images(fn: Callable, images, channels: int, batch_size: int,
