@@ -79,6 +79,23 @@ def test_control_is_not_flagged_without_copies(phantom_sets, tmp_path):
                                     write=False)
   s = result["summary"]
   assert s["attack"]["successes"] == 0 and s["verdict"] == "pass"
+  # the control is a holdout sample of the audited set's size, so no size warning
+  assert result["meta"]["n_control"] == len(unseen["image"]) == len(holdout["image"])
+  assert not any("control has" in w for w in s["warnings"])
+
+
+def test_smaller_control_is_named_in_the_warnings(phantom_sets):
+  config, train, holdout, unseen = phantom_sets
+  e = FourierEmbedder()
+  audited = e.embed(np.concatenate([unseen["image"], unseen["image"][:7]]))
+  result = audit_stage.audit_embeddings(config, audited, e.embed(train["image"]),
+                                        train["patient_id"], e.embed(holdout["image"]),
+                                        holdout["patient_id"], e.tau)
+  n_hold = len(holdout["image"])
+  assert result["meta"]["n_control"] == n_hold == len(audited) - 7
+  assert result["summary"]["control"]["n"] == n_hold
+  assert any(f"control has {n_hold} holdout images, fewer than the {len(audited)} audited" in w
+             for w in result["summary"]["warnings"])
 
 
 def test_bad_inputs(phantom_sets):

@@ -138,6 +138,11 @@ def audit_embeddings(config, audited, train, train_patients, holdout, holdout_pa
                           n_train_patients=n_train_pat, weight_bound=weight_bound,
                           risk_bound=float(a.risk_bound), attack_isolates=attack["isolates"],
                           control_isolates=control["isolates"])
+  if len(ctrl) < len(audited):
+    summary["warnings"].append(
+        f"the control has {len(ctrl)} holdout images, fewer than the {len(audited)} audited, so "
+        "its interval is wider than the attack's; a holdout split at least as large as the "
+        "release (config.audit.holdout_split, config.data.split_fractions) gives a same-size one")
   summary["reidentified"] = {
       "attack": pso.wilson(int((syn_train.n_patients_matched > 0).sum()), len(audited)).to_dict(),
       "control": pso.wilson(int((ctl_train.n_patients_matched > 0).sum()), len(ctrl)).to_dict()}
