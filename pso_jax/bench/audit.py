@@ -4,7 +4,10 @@
   python -m pso_jax.bench audit --memory_only --memory=20000x100000,100000x1000000  # ~10 min
 
 Same data, same run: faiss-cpu IndexFlatIP exact top-k, `knn` (exact top-k), `patient_search`
-(top-k + distinct patients at sim >= tau), and a jitted square matmul as the machine's rate.
+(top-k + distinct patients at sim >= tau), a jitted square matmul as the machine's rate, and the
+GEMM of one kernel block alone, by XLA and by numpy's BLAS: knn can run no faster than XLA's GEMM,
+so XLA's block GEMM over faiss bounds knn/faiss (on this CPU XLA's K=512 GEMM is ~0.85-0.94 of a
+BLAS one, while knn reaches ~0.98 of its own GEMM).
 GFLOP/s count the all-pairs GEMM, 2 N M d. The memory part runs each N x M in a fresh process and
 reports its peak RSS next to the input size and to the N x M matrix it never builds.
 """
@@ -109,7 +112,7 @@ def _throughput(args):
   import jax
   import jax.numpy as jnp
   from pso_jax.audit import pairwise
-  from pso_jax.bench.matmul import matmul_gflops
+  from pso_jax.bench.matmul import gemm_gflops, matmul_gflops
   n, m, d, k = args.n, args.m, args.d, args.k
   q, r, patients = _data(n, m, d, args.per_patient)
   gflop = 2.0 * n * m * d / 1e9
@@ -118,23 +121,32 @@ def _throughput(args):
   index = faiss.IndexFlatIP(d)
   index.add(r)
   opts = dict(query_block=args.query_block, ref_block=args.ref_block, dtype=args.dtype)
-  stats, rates = {}, []
+  stats, rates, block_rates, blas_rates = {}, [], [], []
   mm_dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  qb, rb = min(args.query_block, n), min(args.ref_block, m)
+  qa, ra = q[:qb], r[:rb]
   fns = {
       "matmul": lambda: rates.append(matmul_gflops(2048, mm_dtype, repeats=5)),
+      # the GEMM the kernel is built on, alone: XLA's at one block's shape, and numpy's BLAS at
+      # the same shape (the kind of BLAS faiss calls); their ratio bounds knn/faiss from above
+      "block_gemm": lambda: block_rates.append(
+          gemm_gflops(qb, rb, d, mm_dtype, repeats=3, transpose_b=True)),
+      "blas_block_gemm": lambda: blas_rates.append(_numpy_gemm_gflops(qa, ra)),
       "faiss": lambda: index.search(q, k),
       "knn": lambda: pairwise.knn(q, r, k, stats=stats, **opts),
       "patient_search": lambda: pairwise.patient_search(q, r, patients, args.tau, k, **opts)}
   pairwise.knn(q, r, k, **opts)  # compile
   pairwise.patient_search(q, r, patients, args.tau, k, **opts)
   best, out = _interleaved(fns, args.repeats)
-  rate = max(rates)
+  rate, block_rate, blas_rate = max(rates), max(block_rates), max(blas_rates)
   t_faiss, t_knn, t_ps = best["faiss"], best["knn"], best["patient_search"]
   (f_sims, f_idx), (sims, idx), res = out["faiss"], out["knn"], out["patient_search"]
   agree = float(np.mean(np.sort(idx, 1) == np.sort(f_idx, 1)))
   rows = {f"matmul (2048^3, jitted, {args.dtype})": rate, "faiss IndexFlatIP top-k": gflop / t_faiss,
           "pso_jax knn (exact top-k)": gflop / t_knn,
-          "pso_jax patient_search (top-k + counting)": gflop / t_ps}
+          "pso_jax patient_search (top-k + counting)": gflop / t_ps,
+          f"block GEMM {qb}x{rb}x{d}, XLA (jitted, {args.dtype})": block_rate,
+          f"block GEMM {qb}x{rb}x{d}, numpy BLAS (fp32)": blas_rate}
   for name, g in rows.items():
     print(f"  {name:44s} {g:8.1f} GFLOP/s")
   matched = res.n_patients_matched
@@ -143,6 +155,8 @@ def _throughput(args):
       "patient_search_gflops": gflop / t_ps,
       "knn_vs_faiss": t_faiss / t_knn, "knn_vs_matmul": gflop / t_knn / rate,
       "counting_overhead": t_ps / t_knn - 1, "topk_agreement_with_faiss": agree,
+      "block_gemm_gflops": block_rate, "blas_block_gemm_gflops": blas_rate,
+      "knn_vs_block_gemm": gflop / t_knn / block_rate, "block_gemm_vs_faiss": block_rate * t_faiss / gflop,
       "max_abs_sim_diff_vs_faiss": float(np.abs(sims - f_sims).max()),
       "kernel_stats": stats, "patient_search_stats": res.stats,
       "mean_patients_matched": float(matched.mean()), "isolating_share": float((matched == 1).mean()),
@@ -151,7 +165,19 @@ def _throughput(args):
         f"{summary['knn_vs_matmul']:.2f} (target >= 0.8), counting overhead "
         f"{100 * summary['counting_overhead']:+.1f}% (target <= 15%), top-k agreement with faiss "
         f"{agree:.4f}", flush=True)
+  print(f"  bound: XLA's GEMM at the block shape runs at {summary['block_gemm_vs_faiss']:.2f} of "
+        f"faiss (numpy's BLAS: {blas_rate / block_rate:.2f}x XLA's), so knn/faiss cannot exceed "
+        f"that; knn reaches {summary['knn_vs_block_gemm']:.2f} of its own GEMM", flush=True)
   return summary
+
+
+def _numpy_gemm_gflops(q: np.ndarray, r: np.ndarray, repeats: int = 3) -> float:
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    np.matmul(q, r.T)
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * q.shape[0] * r.shape[0] * q.shape[1] / best / 1e9
 
 
 def _memory(args):

@@ -10,9 +10,18 @@ def matmul_gflops(n: int = 2048, dtype=jnp.float32, repeats: int = 5,
                   compiler_options=None) -> float:
   """Best-of-`repeats` GFLOP/s of an n x n x n jitted matmul on the default device, compiled
   with XLA `compiler_options` (None: XLA's defaults)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)) \
+  return gemm_gflops(n, n, n, dtype, repeats, compiler_options)
+
+
+def gemm_gflops(m: int, n: int, k: int, dtype=jnp.float32, repeats: int = 5,
+                compiler_options=None, *, transpose_b: bool = False) -> float:
+  """Best-of-`repeats` GFLOP/s of a jitted [m, k] x [k, n] GEMM with fp32 accumulation;
+  transpose_b: the second operand is stored [n, k] (the similarity kernel's q r^T)."""
+  a = jax.random.normal(jax.random.key(0), (m, k), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, k) if transpose_b else (k, n), dtype)
+  contract = (((1,), (1 if transpose_b else 0,)), ((), ()))
+  f = jax.jit(lambda a, b: jax.lax.dot_general(a, b, contract,
+                                               preferred_element_type=jnp.float32)) \
       .lower(a, b).compile(compiler_options=compiler_options)
   f(a, b).block_until_ready()
   best = float("inf")
@@ -20,7 +29,7 @@ def matmul_gflops(n: int = 2048, dtype=jnp.float32, repeats: int = 5,
     t = time.perf_counter()
     f(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best / 1e9
+  return 2 * m * n * k / best / 1e9
 
 
 def reference_gflops(n: int = 2048, repeats: int = 5, compiler_options=None) -> float:
