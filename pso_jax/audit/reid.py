@@ -19,7 +19,7 @@ import numpy as np
 from pso_jax import io_utils
 from pso_jax.errors import UserError
 from pso_jax.models import cnn
-from pso_jax.training import supervised
+from pso_jax.training import augment, supervised
 
 TAU_MODES = ("fpr", "prob05")
 SUBDIR = "reid"
@@ -145,10 +145,10 @@ def shift_stack(x, shifts: int):
   [-shifts, shifts]^2, the gap filled by repeating the border (as augment.random_translate)."""
   if shifts <= 0:
     return x[None]
-  s, h, w = shifts, x.shape[1], x.shape[2]
-  padded = jnp.pad(x, ((0, 0), (s, s), (s, s), (0, 0)), mode="edge")
-  return jnp.stack([padded[:, oy:oy + h, ox:ox + w] for oy in range(2 * s + 1)
-                    for ox in range(2 * s + 1)])
+  side = range(2 * shifts + 1)
+  offsets = np.array([(oy, ox) for oy in side for ox in side], np.int32)  # [K, 2]
+  return augment.shifted_windows(x, shifts, "edge",
+                                 np.broadcast_to(offsets[:, None], (len(offsets), x.shape[0], 2)))
 
 
 def embed_images(model, variables, images, spec: cnn.CnnSpec, shifts: int = 0):

@@ -36,13 +36,24 @@ def random_resized_crop(x, key, out_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 
 TRANSLATE_MODES = ("edge", "wrap", "both")
 
 
+def shifted_windows(x, shift: int, mode: str, offsets):
+  """x [N, H, W, C] padded by `shift` pixels on each side (jnp.pad `mode`) and cut back to H x W
+  at `offsets` [K, N, 2]: (oy, ox) in [0, 2 shift] per window and image. Returns [K, N, H, W, C]
+  with out[k, i, y, x] = padded[i, y + oy, x + ox], i.e. image i moved by whole pixels
+  (shift - oy, shift - ox), the gap filled as `mode` pads."""
+  n, h, w, c = x.shape
+  padded = jnp.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode=mode)
+  cut = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))
+  return jax.vmap(jax.vmap(cut), in_axes=(None, 0))(padded, offsets)
+
+
 def random_translate(x, key, max_shift: int, mode: str = "edge"):
   """Shifts each image by its own integer (dy, dx), uniform in [-max_shift, max_shift]^2 pixels.
 
-  Pad by max_shift and cut the image back out at the shifted offset, so the content moves by
-  exactly whole pixels (no resampling blur). What fills the gap: "edge" repeats the border
-  row/column, "wrap" brings in the opposite border (np.roll), "both" picks one of the two per
-  image. Shifts too small to matter for a pose change still move every pixel, which a
+  Pad by max_shift and cut the image back out at the shifted offset (`shifted_windows`), so the
+  content moves by exactly whole pixels (no resampling blur). What fills the gap: "edge" repeats
+  the border row/column, "wrap" brings in the opposite border (np.roll), "both" picks one of the
+  two per image. Shifts too small to matter for a pose change still move every pixel, which a
   downsampled, strided CNN otherwise sees as a different image (aliasing).
   """
   if max_shift <= 0:
@@ -50,18 +61,14 @@ def random_translate(x, key, max_shift: int, mode: str = "edge"):
   if mode not in TRANSLATE_MODES:
     raise ValueError(f"translate mode must be one of {TRANSLATE_MODES}, got {mode!r}")
   k_offset, k_mode = jax.random.split(key)
-  n, h, w, c = x.shape
-  s = int(max_shift)
-  pad = lambda m: jnp.pad(x, ((0, 0), (s, s), (s, s), (0, 0)), mode=m)
-  if mode == "both":
-    wrap = jax.random.bernoulli(k_mode, 0.5, (n, 1, 1, 1))
-    padded = jnp.where(wrap, pad("wrap"), pad("edge"))
-  else:
-    padded = pad(mode)
+  n, s = x.shape[0], int(max_shift)
   # offset o cuts rows o..o+h-1 of the padded image: output[y] = input[y + o - s], a shift by s - o
   offsets = jax.random.randint(k_offset, (n, 2), 0, 2 * s + 1)
-  return jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(
-      padded, offsets)
+  window = lambda m: shifted_windows(x, s, m, offsets[None])[0]
+  if mode == "both":
+    wrap = jax.random.bernoulli(k_mode, 0.5, (n, 1, 1, 1))
+    return jnp.where(wrap, window("wrap"), window("edge"))
+  return window(mode)
 
 
 def random_flip(x, key):
