@@ -5,7 +5,7 @@ only. The last batch is padded to the fixed size (no recompilation) and the padd
 """
 
 import math
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -19,8 +19,39 @@ def local_data_mesh() -> Mesh:
   return Mesh(devices, ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def apply_in_batches(fn: Callable, arrays, batch_size: int,
+                     sharding: Optional[NamedSharding] = None,
+                     on_batch: Optional[Callable[[int], Any]] = None):
+  """`fn(*batch)` for consecutive batches of `arrays` (same leading axis, at least one row),
+  concatenated: an array or tuple of arrays with the batch's leading axis.
+
+  Batches have one fixed size, `batch_size` rounded up to a multiple of `sharding`'s devices (or,
+  for fewer rows than one batch, the row count rounded up: a second compile, not a large pad), so a
+  jitted `fn` compiles once; each batch is put on `sharding` when given. The last batch is padded
+  with copies of its last row and the padding dropped from the outputs. `on_batch(rows)` is called
+  after each batch with its number of real rows (a progress bar's update).
+  """
+  n = len(arrays[0])
+  n_dev = 1 if sharding is None else sharding.mesh.size
+  bs = max(1, math.ceil(min(batch_size, n) / n_dev)) * n_dev
+  outs = []
+  for start in range(0, n, bs):
+    chunk = [np.asarray(a[start:start + bs]) for a in arrays]
+    valid = len(chunk[0])
+    if valid < bs:
+      chunk = [np.concatenate([c, np.repeat(c[-1:], bs - valid, axis=0)]) for c in chunk]
+    if sharding is not None:
+      chunk = jax.device_put(chunk, sharding)
+    out = fn(*chunk)
+    outs.append(jax.tree.map(lambda o: np.asarray(jax.device_get(o))[:valid], out))
+    if on_batch is not None:
+      on_batch(valid)
+  return jax.tree.map(lambda *o: np.concatenate(o), *outs)
+
+
 class BatchedApply:
-  """`BatchedApply(fn, variables)(*arrays)`: fn(variables, batch) for every batch, concatenated.
+  """`BatchedApply(fn, variables)(*arrays)`: fn(variables, batch) for every batch, concatenated
+  (`apply_in_batches`, with a progress bar).
 
   batch is the tuple of the arrays' slices; fn maps it to an array (or tuple of arrays) with the
   same leading axis.
@@ -39,18 +70,8 @@ class BatchedApply:
 
   def __call__(self, *arrays: np.ndarray):
     n = len(arrays[0])
-    # fewer than one batch: round up to the devices only (a second compile, not a large pad)
-    bs = min(self.batch_size, max(1, math.ceil(n / self.n_dev)) * self.n_dev)
-    outs = []
-    with progress.bar(total=n, desc=self.desc, unit=self.unit) as pbar:
-      for start in range(0, n, bs):
-        chunk = [np.asarray(a[start:start + bs]) for a in arrays]
-        valid = len(chunk[0])
-        if valid < bs:
-          chunk = [np.concatenate([c, np.repeat(c[-1:], bs - valid, axis=0)]) for c in chunk]
-        out = self.fn(self.variables, tuple(chunk))
-        outs.append(jax.tree.map(lambda o: np.asarray(o)[:valid], out))
-        pbar.update(valid)
-    if not outs:
+    if n == 0:
       raise ValueError("BatchedApply called with no images")
-    return jax.tree.map(lambda *o: np.concatenate(o), *outs)
+    with progress.bar(total=n, desc=self.desc, unit=self.unit) as pbar:
+      return apply_in_batches(lambda *chunk: self.fn(self.variables, chunk), arrays,
+                              self.batch_size, self.data, pbar.update)

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pso_jax import io_utils, progress
 from pso_jax.errors import UserError
-from pso_jax.models.batched_apply import local_data_mesh
+from pso_jax.models.batched_apply import apply_in_batches, local_data_mesh
 
 
 @flax.struct.dataclass
@@ -219,20 +219,9 @@ def apply_to_images(fn: Callable, images, channels: int, batch_size: int,
 def apply_batched(fn: Callable, images: np.ndarray, batch_size: int,
                   sharding: Optional[NamedSharding] = None) -> np.ndarray:
   """`fn` (jitted, on a fixed batch shape so it compiles once) over `images` in batches, each
-  split over `sharding`'s devices when given; the last batch is padded with copies of the first
-  image and the padding dropped."""
+  split over `sharding`'s devices when given (`batched_apply.apply_in_batches`: the last batch is
+  padded and the padding dropped)."""
   images = np.asarray(images)
   if len(images) == 0:
     raise UserError("no images to run the network on (empty input)")
-  n_dev = 1 if sharding is None else sharding.mesh.size
-  batch_size = -(-min(batch_size, len(images)) // n_dev) * n_dev
-  outputs = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    n = len(chunk)
-    if n < batch_size:
-      chunk = np.concatenate([chunk, np.repeat(images[:1], batch_size - n, axis=0)])
-    if sharding is not None:
-      chunk = jax.device_put(chunk, sharding)
-    outputs.append(np.asarray(jax.device_get(fn(chunk)))[:n])
-  return np.concatenate(outputs)
+  return apply_in_batches(fn, (images,), batch_size, sharding)
