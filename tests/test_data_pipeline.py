@@ -77,11 +77,11 @@ def test_finite_epochs_and_too_large_batch(workdir):
     pipeline.make_loader(source, global_batch_size=len(source) + 1, seed=0)
 
 
-def test_to_global_on_8_devices(workdir):
+def test_local_rows_to_global_on_8_devices(workdir):
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   batch = next(iter(pipeline.make_loader(dataset.load_split(workdir, "train"),
                                          global_batch_size=16, seed=0)))
-  out = pipeline.to_global(
+  out = pipeline.local_rows_to_global(
       batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
   assert isinstance(out["image"], jax.Array) and out["image"].shape == (16, 16, 16, 1)
   assert len(out["image"].sharding.device_set) == 8
@@ -103,7 +103,7 @@ it = iter(loader)
 batches = [next(it) for _ in range(4)]
 mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-total = jax.jit(lambda x: jnp.sum(x))(pipeline.to_global(batches[0], data_sharding)["index"])
+total = jax.jit(lambda x: jnp.sum(x))(pipeline.local_rows_to_global(batches[0], data_sharding)["index"])
 json.dump({"indices": [b["index"].tolist() for b in batches], "global_sum": int(total),
            "devices": jax.device_count()}, open(out, "w"))
 """

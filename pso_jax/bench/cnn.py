@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from pso_jax.audit import reid, reid_train
 from pso_jax.bench import cxr_config
 from pso_jax.bench.matmul import matmul_gflops
+from pso_jax.data import pipeline
 from pso_jax.evaluate import classifier as classifier_lib
 from pso_jax.models import cnn
 from pso_jax.training import supervised
@@ -41,7 +42,8 @@ def bench_one(name, section, spec, inputs_fn, loss_fn, batch, mesh, steps, ref_g
   step = supervised.make_train_step(model, optimizer, inputs_fn, loss_fn, mesh)
   state = jax.device_put(supervised.create_state(cnn.init_cnn(spec, jax.random.key(0)), optimizer),
                          NamedSharding(mesh, P()))
-  batch = {k: supervised.to_global(v, NamedSharding(mesh, P("data"))) for k, v in batch.items()}
+  data = NamedSharding(mesh, P("data"))
+  batch = {k: pipeline.full_host_to_global(v, data) for k, v in batch.items()}
   key = jax.device_put(jax.random.key(1), NamedSharding(mesh, P()))
   # the step donates its state: time it on a loop that feeds the new state back
   compiled_flops = _flops(step, (state, batch, key))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pso_jax.data import pipeline
 from pso_jax.training.mesh import compiler_options
 
 DenoiseFn = Callable[[jax.Array, jax.Array, Any], jax.Array]  # (x, sigma [B], cond) -> D(x)
@@ -128,11 +129,11 @@ def batch_shards(mesh: jax.sharding.Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
 
 
-def to_global(array: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+def batch_to_global(array: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
   """Host array (the same on every process) -> global array with its first axis split over the
-  mesh's batch axes."""
+  mesh's batch axes (`pipeline.full_host_to_global` with that sharding)."""
   sharding = NamedSharding(mesh, P(batch_axes(mesh), *([None] * (array.ndim - 1))))
-  return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+  return pipeline.full_host_to_global(array, sharding)
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -179,8 +180,8 @@ class GuidedSampler:
 
   def _arguments(self, seeds, cond, guidance):
     ref_variables = self.ref.variables if self.ref is not None else None
-    return (self.net.variables, ref_variables, self.key, to_global(seeds, self.mesh),
-            to_global(cond, self.mesh), to_global(guidance, self.mesh))
+    return (self.net.variables, ref_variables, self.key, batch_to_global(seeds, self.mesh),
+            batch_to_global(cond, self.mesh), batch_to_global(guidance, self.mesh))
 
   def __call__(self, seeds, cond, guidance) -> np.ndarray:
     seeds = np.asarray(seeds, np.uint32)

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pso_jax import io_utils, progress
+from pso_jax.data import pipeline
 from pso_jax.errors import UserError
 from pso_jax.models.batched_apply import apply_in_batches, local_data_mesh
 
@@ -102,12 +103,6 @@ def create_state(variables: dict, optimizer) -> TrainState:
                     opt_state=optimizer.init(params), lr_scale=jnp.ones((), jnp.float32))
 
 
-def to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A global array from a host array every process holds in full (each keeps its own shards)."""
-  array = np.asarray(array)
-  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-
 def make_train_step(model, optimizer, inputs_fn: Callable, loss_fn: Callable, mesh):
   replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
@@ -154,7 +149,7 @@ def fit(*, model, variables: dict, optimizer, inputs_fn: Callable, loss_fn: Call
   eval_every = eval_every or steps
   with progress.bar(total=steps, desc=desc, unit="step") as pbar:
     for step in range(steps):
-      batch = {k: to_global(v, batch_sharded) for k, v in sampler(step).items()}
+      batch = {k: pipeline.full_host_to_global(v, batch_sharded) for k, v in sampler(step).items()}
       state, metrics = step_fn(state, batch, key)
       if (step + 1) % log_every == 0 or step + 1 == steps:
         entry = {"step": step + 1, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
