@@ -5,6 +5,10 @@ of the compiled step / measured time) next to the same machine's matmul GFLOP/s 
 same run, and their ratio. Presets: xs/s/m run at the reference 64x64x4 latents with 2048-d
 pseudo-conditions; demo (32x32x1) and tiny at the phantom's pixel sizes; --channels overrides the
 base width (the "tiny preset" target, 32x32 with 32 channels: --preset=demo --channels=32).
+
+Then (--no-breakdown skips it) where the time goes: a profiler trace of a few steps, per kind of
+op, and every convolution of the step rebuilt and run alone, set against the step time that 80%
+and 90% of the matmul rate allow; on CPU the convolutions alone already exceed that time.
 """
 
 import argparse
@@ -49,7 +53,7 @@ def compile_step(config, devices=None):
     step = step_lib.jit_train_step(step_lib.make_train_step(model, config), shardings, mesh) \
         .lower(state, batch, key).compile()
   info = dict(compile_s=time.perf_counter() - start, gflop_per_step=metrics.compiled_flops(step, mesh.size) / 1e9,
-              devices=mesh.size, batch=b)
+              devices=mesh.size, batch=b, compiled=step)
   holder = [state]
 
   def run_one() -> float:
@@ -70,6 +74,8 @@ def main(argv):
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--matmul_n", type=int, default=2048)
+  parser.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
+                      help="trace a few steps and show the time per kind of op")
   args = parser.parse_args(argv[1:])
 
   from pso_jax.bench.matmul import reference_gflops
@@ -98,4 +104,35 @@ def main(argv):
   peak = metrics.peak_flops_per_device(device, args.dtype)
   if peak:
     print(f"  MFU vs {device.device_kind} table peak: {r['gflops'] * 1e9 / (peak * r['devices']):.1%}")
+  if args.breakdown:
+    r["breakdown"] = _print_breakdown(r, run_one, mm, step_options)
+  r.pop("compiled")
   return r
+
+
+def _print_breakdown(r: dict, run_one, matmul_gflops: float, options) -> dict:
+  """Where the step's time goes: per kind of op, the wall time with some op of the kind in
+  flight (a profiler trace); then every convolution of the step run alone, against the step time
+  each target ratio allows."""
+  from pso_jax.bench import op_profile
+  b = op_profile.breakdown(r["compiled"], run_one)
+  if b["traced_ops"]:
+    print(f"  wall time per step with some op of a kind in flight ({b['traced_ops']} ops traced, "
+          f"{b['busy_seconds'] * 1e3:.1f} ms with any; kinds overlap):")
+    for kind, row in b["kinds"].items():
+      rate = (f", {row['gflops']:.1f} GFLOP/s = {row['gflops'] / matmul_gflops:.0%} of matmul"
+              if row["gflops"] else "")
+      print(f"    {kind:28s} {row['seconds'] * 1e3:8.1f} ms {row['share']:6.1%}{rate}")
+  else:
+    print("  breakdown: the profiler recorded no per-op events on this backend")
+  alone = op_profile.time_convolutions(r["compiled"].as_text(), options)
+  b["convolutions_alone"] = alone
+  if alone["convolutions"]:
+    print(f"  the step's {alone['convolutions']} convolutions ({alone['shapes']} shapes) run alone: "
+          f"{alone['seconds'] * 1e3:.1f} ms, {alone['gflops']:.1f} GFLOP/s = "
+          f"{alone['gflops'] / matmul_gflops:.0%} of matmul (padded taps counted)")
+    for target in (0.8, 0.9):
+      budget = r["gflop_per_step"] / (target * matmul_gflops)
+      print(f"  at {target:.0%} of matmul the whole step may take {budget * 1e3:.1f} ms; its "
+            f"convolutions alone take {alone['seconds'] / budget:.0%} of that")
+  return b
