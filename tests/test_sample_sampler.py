@@ -138,6 +138,24 @@ def test_images_do_not_depend_on_devices_or_batch_size():
   assert np.abs(one[0] - one[2]).mean() > 0.1
 
 
+def test_short_batches_pad_to_power_of_two_buckets():
+  """A short call runs at the smallest power-of-two multiple of the shards that holds it (few
+  compiled shapes, little padding), and its images are those of a full batch."""
+  one_dev = make_sampler(S.data_mesh(jax.devices()[:1]), batch_size=32)
+  assert [one_dev.padded_size(r) for r in (1, 2, 3, 5, 9, 17, 32, 33)] == [1, 2, 4, 8, 16, 32, 32, 32]
+  eight = make_sampler(S.data_mesh(), batch_size=40)  # 40: a multiple of the 8 shards
+  assert [eight.padded_size(r) for r in (1, 8, 9, 17, 33, 40)] == [8, 8, 16, 32, 40, 40]
+  n = 37
+  seeds = np.arange(2000, 2000 + n)
+  cond = np.asarray(jax.random.normal(jax.random.key(6), (n, 3)))
+  guidance = np.full(n, 1.2)
+  full = make_sampler(S.data_mesh(jax.devices()[:1]), batch_size=64)(seeds, cond, guidance)
+  parts = np.concatenate([one_dev(seeds[:32], cond[:32], guidance[:32]),  # 32, then 5 -> 8
+                          one_dev(seeds[32:], cond[32:], guidance[32:])])
+  np.testing.assert_allclose(parts, full, rtol=0, atol=1e-5)
+  assert one_dev._function(True)._cache_size() == 2  # two shapes compiled: 32 and 8
+
+
 def test_sampler_guided_matches_hand_built_guidance_and_counts():
   n = 8
   seeds = np.arange(n)

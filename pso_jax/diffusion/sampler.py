@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pso_jax.data import pipeline
+from pso_jax.models.batched_apply import bucket_size
 from pso_jax.training.mesh import compiler_options
 
 DenoiseFn = Callable[[jax.Array, jax.Array, Any], jax.Array]  # (x, sigma [B], cond) -> D(x)
@@ -144,7 +145,8 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 class GuidedSampler:
-  """Samples candidates for (seed, condition, guidance) triples, padded to a fixed batch.
+  """Samples candidates for (seed, condition, guidance) triples in fixed-size batches (a short
+  last batch padded to a power-of-two size, `padded_size`).
 
   Usage: `GuidedSampler(net, ref, key=..., shape=(H, W, C), ...)(seeds, cond, guidance)` -> float32
   [B, H, W, C] in model space. A batch whose guidance is all exactly 1 skips the reference network.
@@ -178,6 +180,12 @@ class GuidedSampler:
                                        compiler_options=compiler_options(self.mesh))
     return self._compiled[guided]
 
+  def padded_size(self, rows: int) -> int:
+    """The batch `rows` candidates run at (`batched_apply.bucket_size`): selection's later rounds
+    retry a few images each, and padding those to the full batch ran the demo's select stage
+    at ~40% useful slots."""
+    return bucket_size(rows, batch_shards(self.mesh), self.batch_size)
+
   def _arguments(self, seeds, cond, guidance):
     ref_variables = self.ref.variables if self.ref is not None else None
     return (self.net.variables, ref_variables, self.key, batch_to_global(seeds, self.mesh),
@@ -195,7 +203,7 @@ class GuidedSampler:
     out = []
     for start in range(0, n, self.batch_size):
       stop = min(start + self.batch_size, n)
-      pad = self.batch_size - (stop - start)
+      pad = self.padded_size(stop - start) - (stop - start)
       padded = [np.concatenate([a[start:stop], np.repeat(a[stop - 1:stop], pad, axis=0)])
                 for a in (seeds, cond, guidance)]
       result = self._function(guided)(*self._arguments(*padded))

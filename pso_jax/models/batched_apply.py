@@ -19,23 +19,35 @@ def local_data_mesh() -> Mesh:
   return Mesh(devices, ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def bucket_size(rows: int, multiple: int, batch_size: int) -> int:
+  """The batch `rows` rows run at: `batch_size` (a multiple of `multiple`), or for fewer rows the
+  smallest power-of-two multiple of `multiple` that holds them. A short batch then pads at most
+  2x, and callers with ever-changing short counts (selection's retry rounds) compile at most
+  log2(batch_size / multiple) extra shapes instead of one per count."""
+  size = multiple
+  while size < rows:
+    size *= 2
+  return min(size, batch_size)
+
+
 def apply_in_batches(fn: Callable, arrays, batch_size: int,
                      sharding: Optional[NamedSharding] = None,
                      on_batch: Optional[Callable[[int], Any]] = None):
   """`fn(*batch)` for consecutive batches of `arrays` (same leading axis, at least one row),
   concatenated: an array or tuple of arrays with the batch's leading axis.
 
-  Batches have one fixed size, `batch_size` rounded up to a multiple of `sharding`'s devices (or,
-  for fewer rows than one batch, the row count rounded up: a second compile, not a large pad), so a
-  jitted `fn` compiles once; each batch is put on `sharding` when given. The last batch is padded
-  with copies of its last row and the padding dropped from the outputs. `on_batch(rows)` is called
-  after each batch with its number of real rows (a progress bar's update).
+  Batches hold `batch_size` rows, rounded up to a multiple of `sharding`'s devices; a short last
+  (or only) batch runs at `bucket_size`'s power-of-two size, so a jitted `fn` compiles for few
+  shapes and pads little. Each batch is put on `sharding` when given, padded with copies of its
+  last row, and the padding dropped from the outputs. `on_batch(rows)` is called after each batch
+  with its number of real rows (a progress bar's update).
   """
   n = len(arrays[0])
   n_dev = 1 if sharding is None else sharding.mesh.size
-  bs = max(1, math.ceil(min(batch_size, n) / n_dev)) * n_dev
+  full = max(1, math.ceil(batch_size / n_dev)) * n_dev
   outs = []
-  for start in range(0, n, bs):
+  for start in range(0, n, full):
+    bs = bucket_size(n - start, n_dev, full)
     chunk = [np.asarray(a[start:start + bs]) for a in arrays]
     valid = len(chunk[0])
     if valid < bs:
