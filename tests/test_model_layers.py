@@ -51,6 +51,22 @@ def test_mp_silu_preserves_unit_second_moment():
   assert float(jnp.mean(y ** 2)) == pytest.approx(1.0, abs=0.01)
 
 
+def test_mp_silu_value_and_derivatives_match_silu_everywhere():
+  """Its exp/divide form and written-out derivative equal silu(x) / 0.596 and its autodiff
+  derivatives (float64 numpy reference), finite at |x| = 200 where exp(-x) overflows."""
+  x = np.concatenate([np.linspace(-200, 200, 4001), np.random.default_rng(0).normal(size=1000) * 4])
+  x32 = jnp.asarray(x, jnp.float32)
+  sig = 1 / (1 + np.exp(-x.astype(np.float32).astype(np.float64)))
+  xr = x.astype(np.float32).astype(np.float64)
+  np.testing.assert_allclose(mp_silu(x32), xr * sig / 0.596, rtol=2e-6, atol=1e-30)
+  grad = jax.vmap(jax.grad(mp_silu))(x32)
+  assert bool(jnp.all(jnp.isfinite(grad)))
+  np.testing.assert_allclose(grad, sig * (1 + xr * (1 - sig)) / 0.596, rtol=1e-5, atol=1e-6)
+  second = jax.vmap(jax.grad(jax.grad(mp_silu)))(x32[4000 - 100:4000 + 100])
+  reference = jax.vmap(jax.grad(jax.grad(lambda v: jax.nn.silu(v) / 0.596)))(x32[3900:4100])
+  np.testing.assert_allclose(second, reference, rtol=1e-4, atol=1e-6)
+
+
 def _numpy_same_conv(x, w):
   """Reference 'same' cross-correlation, NHWC x HWIO, via scipy."""
   b, h, wd, cin = x.shape

@@ -30,9 +30,22 @@ def fan_in_axes(w: jax.Array) -> tuple[int, ...]:
   return tuple(range(w.ndim - 1))
 
 
+@jax.custom_jvp
 def mp_silu(x: jax.Array) -> jax.Array:
-  # 0.596 is the standard deviation of silu(z) for z ~ N(0, 1)
-  return jax.nn.silu(x) / 0.596
+  """silu(x) / 0.596, the standard deviation of silu(z) for z ~ N(0, 1).
+
+  Written as one expression with exp and a divide (the derivative is written out below, finite
+  for any x): XLA:CPU then computes it once, where `x * sigmoid(x)` was recomputed inside each
+  transpose that feeds a kernel-gradient convolution, a loop ~6x slower than a plain transpose
+  (about a tenth of the tiny preset's train step)."""
+  return x / ((1 + jnp.exp(-x)) * 0.596)
+
+
+@mp_silu.defjvp
+def _mp_silu_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  s = jax.nn.sigmoid(x)
+  return mp_silu(x), dx * (s * (1 + x * (1 - s)) / 0.596)
 
 
 def mp_sum(a: jax.Array, b: jax.Array, t: float = 0.5) -> jax.Array:
