@@ -1,7 +1,8 @@
 """Running a frozen network over many images: fixed-size batches sharded over this process's devices.
 
 Every process of a multi-host run encodes its own records, so the mesh spans the local devices
-only. The last batch is padded to the fixed size (no recompilation) and the padding is dropped.
+only. A short last batch is padded to a power-of-two size (`bucket_size`: few compiled shapes,
+little padding) and the padding is dropped.
 """
 
 import math
