@@ -172,12 +172,9 @@ def _throughput(args):
 
 
 def _numpy_gemm_gflops(q: np.ndarray, r: np.ndarray, repeats: int = 3) -> float:
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    np.matmul(q, r.T)
-    best = min(best, time.perf_counter() - t)
-  return 2.0 * q.shape[0] * r.shape[0] * q.shape[1] / best / 1e9
+  from pso_jax.bench.matmul import best_seconds
+  seconds = best_seconds(lambda: np.matmul(q, r.T), repeats)
+  return 2.0 * q.shape[0] * r.shape[0] * q.shape[1] / seconds / 1e9
 
 
 def _memory(args):

@@ -24,12 +24,17 @@ def gemm_gflops(m: int, n: int, k: int, dtype=jnp.float32, repeats: int = 5,
                                                preferred_element_type=jnp.float32)) \
       .lower(a, b).compile(compiler_options=compiler_options)
   f(a, b).block_until_ready()
+  return 2 * m * n * k / best_seconds(lambda: f(a, b).block_until_ready(), repeats) / 1e9
+
+
+def best_seconds(fn, repeats: int) -> float:
+  """The shortest of `repeats` timed calls of `fn` (which must wait for its own result)."""
   best = float("inf")
   for _ in range(repeats):
     t = time.perf_counter()
-    f(a, b).block_until_ready()
+    fn()
     best = min(best, time.perf_counter() - t)
-  return 2 * m * n * k / best / 1e9
+  return best
 
 
 def reference_gflops(n: int = 2048, repeats: int = 5, compiler_options=None) -> float:

@@ -21,6 +21,8 @@ import tempfile
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\S+?)\{?[\d,]*\}?\s+([\w\-]+)\((.*)$")
 _COMP = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
@@ -47,6 +49,20 @@ def parse_hlo(text: str):
   return comps
 
 
+def _shapes(comps: dict) -> dict:
+  """{instruction: dims} over every computation (instruction names are unique in a module)."""
+  return {name: _dims(shape) for body in comps.values() for name, shape, _, _ in body}
+
+
+def _operands(rest: str) -> list:
+  """The operand names of an instruction, from the text after its opcode's '('."""
+  return re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+
+
+def _dim_labels(rest: str) -> str:
+  return re.search(r"dim_labels=([\w>\-]+)", rest).group(1)
+
+
 def conv_flops(out_shape, rhs_shape, dim_labels: str) -> float:
   """2 x output elements x kernel taps per output (the kernel's elements over its 'o' dim)."""
   rhs_labels = dim_labels.split("_")[1].split("->")[0]
@@ -62,15 +78,14 @@ def classify(text: str) -> dict:
   control flow) runs, the instructions inside fusions left out; a fusion takes the kind of the
   heaviest op it calls, and its FLOPs."""
   comps = parse_hlo(text)
-  shapes = {name: _dims(shape) for body in comps.values() for name, shape, _, _ in body}
+  shapes = _shapes(comps)
 
   def ops_flops(body):
     conv = dot = 0.0
     for name, _, opcode, rest in body:
-      operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+      operands = _operands(rest)
       if opcode == "convolution":
-        labels = re.search(r"dim_labels=([\w>\-]+)", rest).group(1)
-        conv += conv_flops(shapes[name], shapes[operands[1]], labels)
+        conv += conv_flops(shapes[name], shapes[operands[1]], _dim_labels(rest))
       elif opcode == "dot":
         lhs_c = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
         dot += dot_flops(shapes[name], shapes[operands[0]],
@@ -171,17 +186,17 @@ def _window(rest: str, n: int) -> dict:
 
 def convolutions(text: str) -> list:
   """Every convolution of an HLO module (inside fusions too; each runs once per execution of a
-  module without loops), as (lhs shape, rhs shape, dtype, out shape, lax.conv_general_dilated
-  keyword arguments)."""
+  module without loops), as (lhs dims, rhs dims, dtype, out dims, lax.conv_general_dilated
+  keyword arguments, FLOPs)."""
   comps = parse_hlo(text)
-  shapes = {name: shape for body in comps.values() for name, shape, _, _ in body}
+  shapes = _shapes(comps)
   out = []
   for body in comps.values():
     for name, shape, opcode, rest in body:
       if opcode != "convolution":
         continue
-      lhs, rhs = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])[:2]
-      labels = re.search(r"dim_labels=([\w>\-]+)", rest).group(1)
+      lhs, rhs = _operands(rest)[:2]
+      labels = _dim_labels(rest)
       lhs_l, rest_l = labels.split("_", 1)
       rhs_l, out_l = rest_l.split("->")
       spatial = [str(i) for i in range(len(lhs_l) - 2)]
@@ -194,8 +209,8 @@ def convolutions(text: str) -> list:
         m = re.search(key + r"=(\d+)", rest)
         if m:
           kw[key] = int(m.group(1))
-      out.append((tuple(_dims(shapes[lhs])), tuple(_dims(shapes[rhs])), shape.split("[")[0],
-                  tuple(_dims(shape)), kw, conv_flops(_dims(shape), _dims(shapes[rhs]), labels)))
+      out.append((tuple(shapes[lhs]), tuple(shapes[rhs]), shape.split("[")[0],
+                  tuple(shapes[name]), kw, conv_flops(shapes[name], shapes[rhs], labels)))
   return out
 
 
@@ -205,19 +220,13 @@ _DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 def time_convolutions(text: str, compiler_options=None, repeats: int = 5) -> dict:
   """Each convolution of a compiled module run alone (best of `repeats`, one compile per distinct
   shape), summed: what its convolutions cost with no other op beside them."""
-  import jax.numpy as jnp
-  import numpy as np
-  import time
-  groups = collections.Counter()
-  flops = {}
-  for lhs, rhs, dtype, out_shape, kw, f in convolutions(text):
+  from pso_jax.bench.matmul import best_seconds
+  groups = {}  # one entry per distinct convolution: [count, its arguments]
+  for lhs, rhs, dtype, out_shape, kw, flops in convolutions(text):
     key = (lhs, rhs, dtype, out_shape, repr(kw))
-    groups[key] += 1
-    flops[key] = (kw, f)
-  total, total_flops, checked = 0.0, 0.0, 0
-  for key, count in groups.items():
-    lhs, rhs, dtype, out_shape, _ = key
-    kw, f = flops[key]
+    groups.setdefault(key, [0, kw, flops])[0] += 1
+  total, total_flops = 0.0, 0.0
+  for (lhs, rhs, dtype, out_shape, _), (count, kw, flops) in groups.items():
     dt = jnp.dtype(_DTYPES.get(dtype, "float32"))
     a = jnp.asarray(np.random.default_rng(0).standard_normal(lhs), dt)
     b = jnp.asarray(np.random.default_rng(1).standard_normal(rhs), dt)
@@ -226,13 +235,8 @@ def time_convolutions(text: str, compiler_options=None, repeats: int = 5) -> dic
     y = fn(a, b).block_until_ready()
     if tuple(y.shape) != out_shape:
       raise ValueError(f"rebuilt convolution gives {y.shape}, the module's gives {out_shape}")
-    checked += 1
-    best = float("inf")
-    for _ in range(repeats):
-      t = time.perf_counter()
-      fn(a, b).block_until_ready()
-      best = min(best, time.perf_counter() - t)
-    total += best * count
-    total_flops += f * count
-  return {"seconds": total, "flops": total_flops, "convolutions": sum(groups.values()),
-          "shapes": checked, "gflops": total_flops / total / 1e9 if total else 0.0}
+    total += best_seconds(lambda: fn(a, b).block_until_ready(), repeats) * count
+    total_flops += flops * count
+  return {"seconds": total, "flops": total_flops,
+          "convolutions": sum(g[0] for g in groups.values()), "shapes": len(groups),
+          "gflops": total_flops / total / 1e9 if total else 0.0}
