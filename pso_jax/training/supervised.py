@@ -213,9 +213,9 @@ def apply_to_images(fn: Callable, images, channels: int, batch_size: int,
 
 def apply_batched(fn: Callable, images: np.ndarray, batch_size: int,
                   sharding: Optional[NamedSharding] = None) -> np.ndarray:
-  """`fn` (jitted, on a fixed batch shape so it compiles once) over `images` in batches, each
-  split over `sharding`'s devices when given (`batched_apply.apply_in_batches`: the last batch is
-  padded and the padding dropped)."""
+  """`fn` (jitted) over `images` in batches, each split over `sharding`'s devices when given
+  (`batched_apply.apply_in_batches`: full batches, a short last one padded to a power-of-two
+  size, so `fn` compiles for few shapes; the padding is dropped)."""
   images = np.asarray(images)
   if len(images) == 0:
     raise UserError("no images to run the network on (empty input)")
