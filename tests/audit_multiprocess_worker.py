@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 2)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pso_jax.audit import pairwise  # noqa: E402
+from pso_jax.search import pairwise  # noqa: E402
 
 
 def main():

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
-from pso_jax.data import dataset, pipeline, prepare
+from pso_jax.data import dataset, pipeline
+from pso_jax.stages import prepare
 from pso_jax.errors import UserError
 
 

@@ -1,10 +1,10 @@
 """One process of a 2-process jax.distributed run on 127.0.0.1 (the tests start two of these).
 
-argv: process_id port out_json steps (tests/test_train_step.py): each process has 4 CPU devices;
+argv: process_id port out_json steps (tests/test_diffusion_train_step.py): each process has 4 CPU devices;
 together they form one 2 x 4 mesh (data x fsdp) and train the tiny model on the same fixed global
 batch as the 1-device reference.
 
-argv: loop process_id port cache_dir workdir (tests/test_train_loop.py): each process has 2 CPU
+argv: loop process_id port cache_dir workdir (tests/test_stages_train.py): each process has 2 CPU
 devices (a 2 x 2 mesh, FSDP 2); the train loop resumes `workdir` (a 1-process run's checkpoint)
 for 3 steps and checkpoints.
 """
@@ -41,7 +41,7 @@ def loop_main(process_id: int, port: int, cache: str, workdir: str) -> None:
                              process_id=process_id)
   from absl import flags
   flags.FLAGS.mark_as_parsed()  # grain reads absl flags
-  from pso_jax.training import loop
+  from pso_jax.stages import train as loop
   config = _tiny_config()
   config.train.total_images = config.train.batch_size * 12
   config.mesh.update(data=-1, fsdp=2, fsdp_min_size=64)
@@ -59,23 +59,24 @@ def main(process_id: int, port: int, out: str, steps: int) -> None:
   import numpy as np
   from jax.experimental import multihost_utils
   from pso_jax.models.presets import build_model, model_input_shape
-  from pso_jax.training import mesh as mesh_lib, sharding, step as step_lib
+  from pso_jax import parallel
+  from pso_jax.diffusion import train_step as step_lib
 
   config = _tiny_config()
   config.mesh.update(data=2, fsdp=4, fsdp_min_size=64)
   assert jax.device_count() == 8 and jax.local_device_count() == 4
 
-  rng = np.random.default_rng(0)  # the same global batch as tests/test_train_step.py::_batch
+  rng = np.random.default_rng(0)  # the same global batch as tests/test_diffusion_train_step.py::_batch
   b = config.train.batch_size
   x = rng.normal(size=(b, *model_input_shape(config))).astype(np.float32) * 0.5
   cond = rng.normal(size=(b, config.data.features.dim)).astype(np.float32)
   cond /= np.linalg.norm(cond, axis=1, keepdims=True)
 
   model = build_model(config)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  state, shardings = sharding.create_sharded(lambda k: step_lib.init_state(model, config, k), mesh,
+  mesh = parallel.make_mesh(config.mesh)
+  state, shardings = parallel.create_sharded(lambda k: step_lib.init_state(model, config, k), mesh,
                                              config.mesh.fsdp_min_size, jax.random.key(0))
-  batch_sharding = mesh_lib.batch_sharding(mesh)
+  batch_sharding = parallel.batch_sharding(mesh)
   batch = {k: jax.make_array_from_callback(v.shape, batch_sharding, lambda idx, v=v: v[idx])
            for k, v in dict(x=x, cond=cond).items()}
   step = step_lib.jit_train_step(step_lib.make_train_step(model, config), shardings, mesh)

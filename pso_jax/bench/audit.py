@@ -29,7 +29,7 @@ def _data(n, m, d, per_patient, seed=0, chunk=65536, spread=0.7):
   similarity about 1 / (1 + spread^2) = 0.67, others about 0), so a query drawn near a centre
   matches that patient's images at tau = 0.5. Written in chunks so that generating them needs no
   temporaries of the full size (clean memory figures)."""
-  from pso_jax.audit.pairwise import aligned_empty
+  from pso_jax.search.pairwise import aligned_empty
   rng = np.random.default_rng(seed)
   n_pat = max(1, m // per_patient)
   centres = rng.standard_normal((n_pat, d), dtype=np.float32)
@@ -91,7 +91,7 @@ def _reset_peak_rss() -> bool:
 
 def memory_child(n, m, d, args) -> dict:
   """One size in this (fresh) process: peak RSS of a patient_search."""
-  from pso_jax.audit import pairwise
+  from pso_jax.search import pairwise
   base = _peak_rss_mb()
   q, r, p = _data(n, m, d, args.per_patient)
   before = _peak_rss_mb()
@@ -111,7 +111,7 @@ def _throughput(args):
   import faiss
   import jax
   import jax.numpy as jnp
-  from pso_jax.audit import pairwise
+  from pso_jax.search import pairwise
   from pso_jax.bench.matmul import gemm_gflops, matmul_gflops
   n, m, d, k = args.n, args.m, args.d, args.k
   q, r, patients = _data(n, m, d, args.per_patient)

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pso_jax.audit import reid, reid_train
+from pso_jax.privacy import reid
+from pso_jax.stages import train_reid as reid_train
 from pso_jax.bench import cxr_config
 from pso_jax.bench.matmul import matmul_gflops
 from pso_jax.data import pipeline

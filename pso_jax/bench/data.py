@@ -31,7 +31,8 @@ def main(argv):
   args = parser.parse_args(argv[1:])
   os.environ.setdefault("PSO_JAX_NO_PROGRESS", "1")
 
-  from pso_jax.data import dataset, phantom, pipeline, prepare
+  from pso_jax.data import dataset, phantom, pipeline
+  from pso_jax.stages import prepare
   config = cxr_config(args.variant)
   workdir = args.workdir or tempfile.mkdtemp(prefix="pso_jax_bench_data_")
   try:

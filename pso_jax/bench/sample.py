@@ -77,7 +77,7 @@ def main(argv):
   args = parser.parse_args(argv[1:])
   per = lambda spec: {k: int(v) for k, v in (p.split("=") for p in spec.split(","))}
   steps, batch = per(args.steps), per(args.batch)
-  from pso_jax.training.mesh import compiler_options
+  from pso_jax.parallel import compiler_options
   sampler_options = compiler_options(jax.sharding.Mesh(np.array(jax.devices()), ("data",)))
   matmul = reference_gflops(args.matmul_n, compiler_options=sampler_options)
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; matmul {args.matmul_n}^3: "

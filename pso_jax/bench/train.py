@@ -34,19 +34,21 @@ def _config(preset: str, batch: int, dtype: str, accum: int, channels: int = 0):
 def compile_step(config, devices=None):
   """(run_one_step() -> seconds, info): the compiled train step on a fixed batch."""
   from pso_jax.models.presets import build_model, model_input_shape
-  from pso_jax.training import mesh as mesh_lib, metrics, sharding, step as step_lib
+  from pso_jax import parallel
+  from pso_jax.training import metrics
+  from pso_jax.diffusion import train_step as step_lib
   model = build_model(config)
-  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  mesh = parallel.make_mesh(config.mesh, devices)
   b = int(config.train.batch_size)
-  mesh_lib.micro_batch_size(b, int(config.train.grad_accum), mesh)
-  state, shardings = sharding.create_sharded(lambda k: step_lib.init_state(model, config, k), mesh,
+  parallel.micro_batch_size(b, int(config.train.grad_accum), mesh)
+  state, shardings = parallel.create_sharded(lambda k: step_lib.init_state(model, config, k), mesh,
                                              int(config.mesh.fsdp_min_size), jax.random.key(0))
   rng = np.random.default_rng(0)
   batch = {"x": rng.normal(size=(b, *model_input_shape(config))).astype(np.float32) * 0.5}
   if model.cond_dim:
     c = rng.normal(size=(b, model.cond_dim)).astype(np.float32)
     batch["cond"] = c / np.linalg.norm(c, axis=1, keepdims=True)
-  batch = jax.device_put(batch, mesh_lib.batch_sharding(mesh))
+  batch = jax.device_put(batch, parallel.batch_sharding(mesh))
   key = jax.random.key(1)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
@@ -80,7 +82,7 @@ def main(argv):
 
   from pso_jax.bench.matmul import reference_gflops
   from pso_jax.training import metrics
-  from pso_jax.training.mesh import compiler_options
+  from pso_jax.parallel import compiler_options
   config = _config(args.preset, args.batch, args.dtype, args.grad_accum, args.channels)
   device = jax.devices()[0]
   print(f"train bench: preset={args.preset} channels={config.model.channels or 'preset'} "

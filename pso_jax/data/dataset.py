@@ -5,7 +5,8 @@ import os
 import numpy as np
 
 from pso_jax import io_utils
-from pso_jax.data import builder, prepare
+from pso_jax.data import builder
+from pso_jax.stages import prepare
 from pso_jax.data.filelists import SPLITS
 from pso_jax.errors import UserError
 

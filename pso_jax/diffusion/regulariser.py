@@ -86,7 +86,7 @@ def _blocked_topk(queries, refs, k, block):
 
 def _nearest_indices(features, k, block):
   try:  # the project's pairwise kernel when present
-    from pso_jax.audit.pairwise import knn
+    from pso_jax.search.pairwise import knn
   except ImportError:
     return _blocked_topk(features, features, k, block)
   _, idx = knn(features, features, k, query_block=block, ref_block=max(block, 1024))

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pso_jax.data import pipeline
 from pso_jax.models.batched_apply import bucket_size
-from pso_jax.training.mesh import compiler_options
+from pso_jax.parallel import compiler_options
 
 DenoiseFn = Callable[[jax.Array, jax.Array, Any], jax.Array]  # (x, sigma [B], cond) -> D(x)
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from pso_jax.audit import pairwise
+from pso_jax.search import pairwise
 from pso_jax.errors import UserError
 
 

@@ -78,7 +78,7 @@ class FitResult:
 def get_mesh(config) -> jax.sharding.Mesh:
   """The project's ('data', 'fsdp') mesh; our CNNs are small, so they only use 'data'."""
   try:
-    from pso_jax.training.mesh import make_mesh
+    from pso_jax.parallel import make_mesh
   except ImportError:
     auto = (jax.sharding.AxisType.Auto,) * 2
     return jax.make_mesh((jax.device_count(), 1), ("data", "fsdp"), axis_types=auto)
