@@ -112,7 +112,7 @@ def _throughput(args):
   import jax
   import jax.numpy as jnp
   from pso_jax.search import pairwise
-  from pso_jax.bench.matmul import gemm_gflops, matmul_gflops
+  from pso_jax.training.matmul_rate import gemm_gflops, matmul_gflops
   n, m, d, k = args.n, args.m, args.d, args.k
   q, r, patients = _data(n, m, d, args.per_patient)
   gflop = 2.0 * n * m * d / 1e9
@@ -172,7 +172,7 @@ def _throughput(args):
 
 
 def _numpy_gemm_gflops(q: np.ndarray, r: np.ndarray, repeats: int = 3) -> float:
-  from pso_jax.bench.matmul import best_seconds
+  from pso_jax.training.matmul_rate import best_seconds
   seconds = best_seconds(lambda: np.matmul(q, r.T), repeats)
   return 2.0 * q.shape[0] * r.shape[0] * q.shape[1] / seconds / 1e9
 

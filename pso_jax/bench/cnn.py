@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from pso_jax.privacy import reid
 from pso_jax.stages import train_reid as reid_train
 from pso_jax.bench import cxr_config
-from pso_jax.bench.matmul import matmul_gflops
+from pso_jax.training.matmul_rate import matmul_gflops
 from pso_jax.data import pipeline
 from pso_jax.evaluate import classifier as classifier_lib
 from pso_jax.models import cnn

@@ -220,7 +220,7 @@ _DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 def time_convolutions(text: str, compiler_options=None, repeats: int = 5) -> dict:
   """Each convolution of a compiled module run alone (best of `repeats`, one compile per distinct
   shape), summed: what its convolutions cost with no other op beside them."""
-  from pso_jax.bench.matmul import best_seconds
+  from pso_jax.training.matmul_rate import best_seconds
   groups = {}  # one entry per distinct convolution: [count, its arguments]
   for lhs, rhs, dtype, out_shape, kw, flops in convolutions(text):
     key = (lhs, rhs, dtype, out_shape, repr(kw))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pso_jax.bench import cxr_config
-from pso_jax.bench.matmul import reference_gflops
+from pso_jax.training.matmul_rate import reference_gflops
 from pso_jax.diffusion import sampler as S
 
 # (config variant, preset, latent kind) of each benchmarked model: xs on SD-VAE latents 64x64x4

@@ -80,7 +80,7 @@ def main(argv):
                       help="trace a few steps and show the time per kind of op")
   args = parser.parse_args(argv[1:])
 
-  from pso_jax.bench.matmul import reference_gflops
+  from pso_jax.training.matmul_rate import reference_gflops
   from pso_jax.training import metrics
   from pso_jax.parallel import compiler_options
   config = _config(args.preset, args.batch, args.dtype, args.grad_accum, args.channels)

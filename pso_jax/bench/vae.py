@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pso_jax.bench.matmul import matmul_gflops
+from pso_jax.training.matmul_rate import matmul_gflops
 from pso_jax.models import sd_vae, weights
 
 SD_CONFIG = sd_vae.VAEConfig()  # the defaults are stabilityai/stable-diffusion-2 vae/config.json

@@ -6,18 +6,28 @@ import numpy as np
 
 from pso_jax import io_utils
 from pso_jax.data import builder
-from pso_jax.stages import prepare
 from pso_jax.data.filelists import SPLITS
 from pso_jax.errors import UserError
+
+COMPLETE = "COMPLETE"
+
+
+def data_dir(workdir: str) -> str:
+  """Where the prepare stage writes the dataset."""
+  return os.path.join(workdir, "data")
+
+
+def is_complete(workdir: str) -> bool:
+  return os.path.exists(os.path.join(data_dir(workdir), COMPLETE))
 
 
 def _check(workdir: str, split: str) -> str:
   if split not in SPLITS:
     raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-  if not prepare.is_complete(workdir):
-    raise UserError(f"{prepare.data_dir(workdir)} holds no complete dataset; run "
+  if not is_complete(workdir):
+    raise UserError(f"{data_dir(workdir)} holds no complete dataset; run "
                     f"--mode=prepare with --workdir={workdir} first")
-  return prepare.data_dir(workdir)
+  return data_dir(workdir)
 
 
 class SplitSource:
@@ -98,7 +108,7 @@ def load_arrays(workdir: str, split: str, keys=("image", "labels", "patient_id")
     elif values:
       out[k] = np.stack(values)
     else:  # an empty split still has the record shapes
-      shape, dtype = builder.record_shapes(prepare.data_dir(workdir))[k]
+      shape, dtype = builder.record_shapes(data_dir(workdir))[k]
       out[k] = np.zeros((0, *shape), dtype)
   return out
 

@@ -9,10 +9,16 @@ import numpy as np
 from PIL import Image
 
 from pso_jax import io_utils
-from pso_jax.privacy.selection import KEPT, SECOND, output_path
 from pso_jax.errors import UserError
 
 SUBDIR = "synthetic"
+KEPT, SECOND = "kept", "second"  # the selection outcomes that are released
+
+
+def output_path(relpath: str, second: bool = False) -> str:
+  """Reference layout: the real image's relative path with a .png suffix (`_2nd` for the second)."""
+  stem = os.path.splitext(relpath)[0]
+  return stem + ("_2nd" if second else "") + ".png"
 
 
 def write_png(path: str, image: np.ndarray) -> None:

@@ -18,9 +18,10 @@ from typing import Callable, Optional
 import numpy as np
 
 from pso_jax import io_utils
+from pso_jax.data.release import KEPT, SECOND, output_path
 from pso_jax.errors import require
 
-KEPT, SECOND, SURVIVOR, REJECTED = "kept", "second", "survivor", "rejected"
+SURVIVOR, REJECTED = "survivor", "rejected"
 
 
 @dataclasses.dataclass
@@ -111,11 +112,6 @@ def choose(flagged: np.ndarray, scores: np.ndarray, second: bool):
   runner_up = int(order[1]) if second and len(order) > 1 else None
   return first, runner_up
 
-
-def output_path(relpath: str, second: bool = False) -> str:
-  """Reference layout: the real image's relative path with a .png suffix (`_2nd` for the second)."""
-  stem = os.path.splitext(relpath)[0]
-  return stem + ("_2nd" if second else "") + ".png"
 
 
 def select_images(inputs: SelectionInputs, rule: SelectionRule, indices):

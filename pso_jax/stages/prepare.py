@@ -27,18 +27,10 @@ from absl import logging
 
 from pso_jax import io_utils, progress
 from pso_jax.data import builder, features, filelists, images, latents, phantom
+from pso_jax.data.dataset import COMPLETE, data_dir, is_complete
 from pso_jax.errors import UserError
 
-COMPLETE = "COMPLETE"
 SOURCES = ("phantom", "filelist", "csv")
-
-
-def data_dir(workdir: str) -> str:
-  return os.path.join(workdir, "data")
-
-
-def is_complete(workdir: str) -> bool:
-  return os.path.exists(os.path.join(data_dir(workdir), COMPLETE))
 
 
 @dataclasses.dataclass

@@ -35,7 +35,7 @@ def machine_peak_flops(devices, dtype: str) -> tuple[float, str]:
   if per is not None:
     return per * len(devices), f"table ({devices[0].device_kind})"
   # CPU: fake devices share the same cores, so the peak is the host's matmul rate per process
-  from pso_jax.bench.matmul import matmul_gflops
+  from pso_jax.training.matmul_rate import matmul_gflops
   hosts = len({d.process_index for d in devices})
   return matmul_gflops(n=1024, repeats=3) * 1e9 * hosts, "measured matmul rate"
 

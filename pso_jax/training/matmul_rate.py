@@ -1,4 +1,5 @@
-"""The machine's matmul rate, measured in the same run as every benchmark's figure."""
+"""The machine's matmul rate: the peak a step's FLOP rate is compared with, in training metrics and
+in every benchmark (measured in the same run as the figure it divides)."""
 
 import time
 
