@@ -1,7 +1,7 @@
 """pso_jax configuration for chest radiographs.
 
 `get_config("")` is the reference recipe (ChestX-ray14, 512 px, SD-VAE latents 4x64x64, EDM2-xs,
-pseudo-conditioning on 2048-d SwAV features, batch 2048; reference/trichotomy.md).
+pseudo-conditioning on 2048-d SwAV features, batch 2048; docs/method.md).
 `get_config("demo")` runs the whole pipeline on the embedded phantom dataset in minutes on 2 CPU
 cores, `get_config("tiny")` in seconds, for tests. Variants change numbers, never structure, so
 every field exists in every variant and `--config.a.b=v` overrides work the same everywhere.
@@ -49,7 +49,7 @@ def _recipe():
   l.kind = "sd_vae"                # identity | sd_vae
   l.vae_dir = ""                   # diffusers folder: config.json + diffusion_pytorch_model.safetensors
   l.sample_posterior = True        # reference stores one posterior sample, not the mean
-  l.mean = (7.00, 2.91, 0.94, -2.75)   # cxr8 raw channel statistics (trichotomy.md 2.4)
+  l.mean = (7.00, 2.91, 0.94, -2.75)   # reference cxr8 channel statistics (docs/method.md §1.4)
   l.std = (3.13, 4.18, 2.89, 2.61)
   l.final_std = 0.5
   l.batch_size = 8                 # sd_vae: images per encode/decode call (512 px VAE is memory-hungry)
@@ -77,7 +77,7 @@ def _recipe():
   df.p_mean = -0.4
   df.p_std = 1.0
 
-  # in-graph diversity regulariser (METHOD.md 2): each part off when 0
+  # in-graph diversity regulariser (docs/method.md §2.6): each part off when 0
   c.regulariser = r = ml_collections.ConfigDict()
   r.enabled = True
   r.cond_dropout = 0.1             # (a) null condition with this probability

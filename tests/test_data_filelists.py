@@ -22,7 +22,7 @@ def test_reference_filelists_patient_counts(reference_filelists, name):
   assert len(np.unique(table.patient_ids)) == patients
   assert filelists.detect_path_style(table.paths) == name
   assert set(np.unique(table.labels)) == {0.0, 1.0}
-  # the reference's val split is single-label (trichotomy.md 2.2)
+  # the reference's val split is single-label (docs/method.md §1.3)
   assert np.all(table.labels.sum(1) == 1)
 
 

@@ -1,4 +1,4 @@
-"""Pseudo-conditioning features: one unit-norm vector per image (METHOD.md section 1).
+"""Pseudo-conditioning features: one unit-norm vector per image (docs/method.md §1.5).
 
 Kinds (config.data.features.kind):
 - `random_projection` (in-project default, no weights): average-pool the image to pool_size^2

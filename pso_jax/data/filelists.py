@@ -3,7 +3,7 @@
 A filelist line is `<relative image path> l0 ... l7` (reference format, findings in the order of
 `config.data.findings`). The patient id comes from the path (ChestX-ray14, CheXpert, MIMIC-CXR
 styles, auto-detected) or from the `patient_id` column of a generic CSV. Splits follow the
-reference recipe (trichotomy.md 2.2): unique patients are shuffled and cut 80/20 (seed 42), the
+reference recipe (docs/method.md §1.3): unique patients are shuffled and cut 80/20 (seed 42), the
 20% cut 50/50 into val/test; rows without any positive label are dropped; train and val keep only
 single-label rows, test keeps multi-label rows too.
 """

@@ -1,5 +1,5 @@
 """Image files -> uint8 [H, W, C] arrays: PIL decode, grey or RGB, resize (reference: PIL default
-filter, aspect ratio not kept, trichotomy.md 2.4)."""
+filter, aspect ratio not kept; docs/method.md §1.4)."""
 
 import concurrent.futures
 import os

@@ -1,8 +1,8 @@
 """Pseudo-conditioning features from a torchvision-format ResNet-50 (`features.kind == "resnet50"`).
 
-As the reference's SwAV extractor (trichotomy.md 2.5): [0,1] pixels, grey replicated to RGB, short
-side resized to `features.resize`, ImageNet mean/std, global-average-pooled 2048-d output of the
-backbone (no projection head), then unit-normalised as every pseudo-conditioning feature here.
+As the reference's SwAV extractor (docs/method.md §1.5): [0,1] pixels, grey replicated to RGB,
+short side resized to `features.resize`, ImageNet mean/std, global-average-pooled 2048-d output of
+the backbone (no projection head), then unit-normalised as every pseudo-conditioning feature here.
 """
 
 import functools

@@ -1,4 +1,4 @@
-"""SD-VAE latents in the reference convention (trichotomy.md 2.4), for `latent.kind == "sd_vae"`.
+"""SD-VAE latents in the reference convention (docs/method.md §1.4), for `latent.kind == "sd_vae"`.
 
 encode: uint8 -> [0,1] pixels (not [-1,1], EDM2's encoder quirk) -> VAE posterior -> one sample
 (or the mean) -> z = (raw - mean_c) * (final_std / std_c).

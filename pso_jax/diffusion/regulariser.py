@@ -1,4 +1,4 @@
-"""In-graph diversity regulariser on the conditions of a training batch (METHOD.md section 2).
+"""In-graph diversity regulariser on the conditions of a training batch (docs/method.md §2.6).
 
 Applied inside the jitted train step, from that step's PRNG key, to the whole global batch before
 it is split into micro-batches (so the draws do not depend on device count or accumulation):

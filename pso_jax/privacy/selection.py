@@ -1,5 +1,5 @@
-"""Candidate selection (METHOD.md 4): from n candidates per real training image keep the one that
-re-identifies nobody and whose predicted findings agree best with the real image's.
+"""Candidate selection (docs/method.md §6): from n candidates per real training image keep the
+one that re-identifies nobody and whose predicted findings agree best with the real image's.
 
 Flag first, then score: a candidate that the re-id model links to ANY training patient (through the
 pairwise kernel, per-patient threshold tau) is out; among the survivors the lowest consistency score
