@@ -262,7 +262,7 @@ def sampler_generator(mesh, batch_size):
   """Generation through the real GuidedSampler (a small nonlinear conditional network)."""
   from pso_jax.data.latents import unit_to_pixels
   from pso_jax.diffusion import sampler as S
-  from tests.test_sample_sampler import conditional_toy_net
+  from tests.test_diffusion_sampler import conditional_toy_net
   net = conditional_toy_net()
   s = S.GuidedSampler(net, S.null_condition_guide(net), key=jax.random.key(0), shape=(H, W, 4),
                       steps=3, sigma_min=0.002, sigma_max=80.0, rho=7.0, batch_size=batch_size,

@@ -14,7 +14,7 @@ from pso_jax.data import release as synthetic_set
 from pso_jax.stages import sample as sample_stage
 from pso_jax.errors import UserError
 from tests.conftest import load_config
-from tests.test_sample_selection import tree_files
+from tests.test_privacy_selection import tree_files
 
 pytest.importorskip("pso_jax.stages.train")
 pytest.importorskip("pso_jax.stages.train_classifier")
