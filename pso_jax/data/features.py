@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from pso_jax.data import resnet_features
 from pso_jax.errors import UserError
 
 KINDS = ("random_projection", "file", "resnet50")
@@ -55,14 +56,6 @@ def raw_features(config, images_uint8: np.ndarray) -> np.ndarray | None:
   if kind == "file":
     return None
   if kind == "resnet50":
-    try:
-      from pso_jax.data import resnet_features
-    except ModuleNotFoundError as e:
-      if e.name == "pso_jax.data.resnet_features":
-        raise UserError("config.data.features.kind='resnet50' needs pso_jax.data.resnet_features, "
-                        "which is not in this version of pso_jax; use kind=random_projection or "
-                        "kind=file with precomputed features") from None
-      raise
     return np.asarray(resnet_features.extract(config, images_uint8), np.float32)
   pooled = average_pool(images_uint8, f.pool_size)
   return pooled @ projection_matrix(pooled.shape[1], f.dim, f.seed)

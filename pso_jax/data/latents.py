@@ -2,11 +2,13 @@
 
 `identity`: pixels, uint8 [0, 255] -> float32 [-1, 1] (and back, rounded and clipped).
 `sd_vae`: Stable Diffusion VAE latents, normalised per channel; delegated to
-`pso_jax.data.vae_latents` (imported only when used, so pixel-space runs need no VAE weights).
+`pso_jax.data.vae_latents` (which loads the VAE weights only when used, so pixel-space runs need
+none).
 """
 
 import numpy as np
 
+from pso_jax.data import vae_latents
 from pso_jax.errors import UserError
 
 KINDS = ("identity", "sd_vae")
@@ -18,17 +20,6 @@ def check_kind(config) -> str:
   if kind not in KINDS:
     raise UserError(f"config.data.latent.kind={kind!r} is unknown; use one of {', '.join(KINDS)}")
   return kind
-
-
-def _vae():
-  try:
-    from pso_jax.data import vae_latents
-  except ModuleNotFoundError as e:
-    if e.name == "pso_jax.data.vae_latents":
-      raise UserError("config.data.latent.kind='sd_vae' needs pso_jax.data.vae_latents, which is "
-                      "not in this version of pso_jax; use --config.data.latent.kind=identity") from None
-    raise
-  return vae_latents
 
 
 def pixels_to_unit(images_uint8) -> np.ndarray:
@@ -48,14 +39,14 @@ def to_model_space(images_uint8, config, *, start_index: int = 0) -> np.ndarray:
   if check_kind(config) == "identity":
     return pixels_to_unit(images_uint8)
   images_uint8 = np.asarray(images_uint8, np.uint8)
-  return np.asarray(_vae().encode_images(config, images_uint8, start_index=start_index), np.float32)
+  return np.asarray(vae_latents.encode_images(config, images_uint8, start_index=start_index), np.float32)
 
 
 def from_model_space(x, config) -> np.ndarray:
   """float32 model outputs [N, h, w, c] -> uint8 images [N, H, W, C]."""
   if check_kind(config) == "identity":
     return unit_to_pixels(x)
-  return np.asarray(_vae().decode_latents(config, np.asarray(x, np.float32)), np.uint8)
+  return np.asarray(vae_latents.decode_latents(config, np.asarray(x, np.float32)), np.uint8)
 
 
 def model_shape(config) -> tuple[int, int, int]:
@@ -63,4 +54,4 @@ def model_shape(config) -> tuple[int, int, int]:
   d = config.data
   if check_kind(config) == "identity":
     return (d.image_size, d.image_size, d.channels)
-  return tuple(_vae().latent_shape(config))
+  return tuple(vae_latents.latent_shape(config))

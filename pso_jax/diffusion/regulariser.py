@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pso_jax.errors import require
+from pso_jax.search import pairwise
 
 
 def _normalise(x, eps=1e-12):
@@ -65,34 +66,6 @@ def regularise(cond, key, reg_config, kanon_cond=None):
 
 # ------------------------------------------------------------------ neighbours (host, once)
 
-def _blocked_topk(queries, refs, k, block):
-  """Exact inner-product top-k of each query row among `refs`, one jitted query block at a time."""
-  refs = jnp.asarray(refs, jnp.float32)
-
-  @jax.jit
-  def top(q):
-    sims = jnp.dot(q, refs.T, precision=jax.lax.Precision.HIGHEST)
-    return jax.lax.top_k(sims, k)[1]
-
-  n = len(queries)
-  out = np.empty((n, k), np.int64)
-  for start in range(0, n, block):
-    q = np.asarray(queries[start:start + block], np.float32)
-    pad = block - len(q)
-    q = np.pad(q, ((0, pad), (0, 0)))  # one block shape: one compilation
-    out[start:start + block] = np.asarray(top(q))[:block - pad]
-  return out
-
-
-def _nearest_indices(features, k, block):
-  try:  # the project's pairwise kernel when present
-    from pso_jax.search.pairwise import knn
-  except ImportError:
-    return _blocked_topk(features, features, k, block)
-  _, idx = knn(features, features, k, query_block=block, ref_block=max(block, 1024))
-  return np.asarray(idx, np.int64)
-
-
 def kanon_neighbours(features, patient_ids, k: int, *, block: int = 1024) -> np.ndarray:
   """[N, k] indices: per image, its nearest images from k distinct patients other than its own.
 
@@ -107,7 +80,9 @@ def kanon_neighbours(features, patient_ids, k: int, *, block: int = 1024) -> np.
   per_patient = np.bincount(pid).max()
   # among the (k + 1) * per_patient nearest images there are always k other patients
   n_cand = int(min(len(features), (k + 1) * per_patient))
-  cand = _nearest_indices(features, n_cand, block)
+  _, cand = pairwise.knn(features, features, n_cand, query_block=block,
+                         ref_block=max(block, 1024))  # exact, certified
+  cand = np.asarray(cand, np.int64)
   cand_pid = pid[cand]
   order = np.argsort(cand_pid, axis=1, kind="stable")
   sorted_pid = np.take_along_axis(cand_pid, order, axis=1)

@@ -32,15 +32,8 @@ MODES = tuple(s.mode for s in STAGES) + ("pipeline",)
 
 
 def get_stage(mode: str):
-  """The stage's `run` function, or a clear error when that stage is not built yet."""
+  """The stage's `run` function (a UserError for an unknown mode)."""
   stage = {s.mode: s for s in STAGES}.get(mode)
   if stage is None:
     raise UserError(f"unknown --mode={mode!r}; choose one of {', '.join(MODES)}")
-  try:
-    module = importlib.import_module(stage.module)
-  except ModuleNotFoundError as e:
-    if e.name and stage.module.startswith(e.name):
-      raise UserError(f"stage {mode!r} ({stage.what}) is not built yet in this version of "
-                      f"pso_jax ({stage.module} is missing)") from None
-    raise
-  return module.run
+  return importlib.import_module(stage.module).run
