@@ -1,21 +1,29 @@
 """Meshes, shardings and host<->global arrays: the one place pso_jax decides how work is split.
 
-Every jitted function runs on a mesh with axes ('data', 'fsdp'). The batch is split over both
-axes (every device sees its own images); large parameters and their optimizer and EMA copies are
-additionally split over 'fsdp': an array with at least `min_size` elements is split along its
-largest dimension that the fsdp size divides; anything else is replicated.
+Meshes: `make_mesh(config.mesh)` is the training mesh, axes ('data', 'fsdp'); `data_mesh(devices)`
+is a one-axis ('data',) mesh over all devices, or over `jax.local_devices()` for work each process
+does on its own (running a frozen network over its own images).
+
+The batch (leading) axis of every input is split over every batch axis the mesh has
+(`batch_spec`: ('data', 'fsdp') on the training mesh, ('data',) on a data mesh), so every device
+sees its own rows. Large parameters and their optimizer and EMA copies are additionally split over
+'fsdp' (`state_shardings`): an array with at least `min_size` elements is split along its largest
+dimension that the fsdp size divides; anything else is replicated.
+
+Host <-> global: `host_to_global` when every process holds the whole array, `local_rows_to_global`
+when each process holds only its rows, `to_host` back to numpy (all rows, on every process).
 """
 
 import math
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from pso_jax.errors import UserError, require
 
-AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")  # the leading (batch) axis of every input is split over both
+AXES = ("data", "fsdp")  # every pso_jax mesh has these axes, or just 'data'
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int]:
@@ -51,9 +59,16 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   return jax.make_mesh((data, fsdp), AXES, axis_types=(AxisType.Auto,) * 2, devices=used)
 
 
+def data_mesh(devices=None) -> Mesh:
+  """A one-axis ('data',) mesh with an Auto (GSPMD) axis over `devices` (default: every device of
+  every process; `jax.local_devices()` for work each process does on its own rows)."""
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+
+
 def micro_batch_size(global_batch: int, grad_accum: int, mesh: Mesh) -> int:
   """The micro-batch size, after checking the batch splits evenly over micro-batches and devices."""
-  n = mesh.size
+  n = batch_shards(mesh)
   require(global_batch >= 1 and grad_accum >= 1,
           f"config.train.batch_size={global_batch} and grad_accum={grad_accum} must be positive")
   require(global_batch % grad_accum == 0,
@@ -71,12 +86,69 @@ def micro_batch_size(global_batch: int, grad_accum: int, mesh: Mesh) -> int:
   return micro
 
 
+# ----------------------------------------------------------------------------- batch shardings
+
+
+def batch_axes(mesh: Mesh) -> tuple:
+  """The mesh axes the batch is split over: those of ('data', 'fsdp') the mesh has."""
+  other = [a for a in mesh.axis_names if a not in AXES]
+  if other:
+    raise ValueError(f"pso_jax meshes have axes from {AXES}; this one also has {other}")
+  return tuple(a for a in AXES if a in mesh.axis_names)
+
+
+def batch_spec(mesh: Mesh) -> P:
+  """The PartitionSpec of every batch: the leading axis split over all batch axes."""
+  return P(batch_axes(mesh))
+
+
+def batch_shards(mesh: Mesh) -> int:
+  """How many parts a batch is split into (a batch size must be a multiple of it)."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH_AXES))
+  return NamedSharding(mesh, batch_spec(mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+# ----------------------------------------------------------------------------- host <-> global
+
+
+def host_to_global(tree, sharding: NamedSharding):
+  """Global jax.Arrays with `sharding` from host arrays every process holds in full (each process
+  copies only its own shards); `tree` is an array or a pytree of them."""
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, tree)
+
+
+def _is_numeric(x) -> bool:
+  return isinstance(x, np.ndarray) and x.dtype.kind in "biufc"
+
+
+def local_rows_to_global(tree, sharding: NamedSharding):
+  """Global jax.Arrays with `sharding` from process-local numpy arrays holding only this process's
+  rows (those its devices hold under `sharding`: `pipeline.process_rows(sharding, B)`).
+
+  Text leaves (patient ids, paths) stay local numpy arrays: they never enter jitted code.
+  """
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x) if _is_numeric(x) else x, tree)
+
+
+def to_host(tree):
+  """Writable numpy copies of jax.Arrays (an array or a pytree): all rows, on every process. A
+  global array of a multi-process run is gathered from every process (every process must call)."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.array(multihost_utils.process_allgather(x, tiled=True))
+    return np.array(x)
+  return jax.tree.map(get, tree)
 
 
 def describe(mesh: Mesh) -> str:

@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 2)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pso_jax import parallel  # noqa: E402
 from pso_jax.search import pairwise  # noqa: E402
 
 
@@ -19,7 +20,7 @@ def main():
   port, pid, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
   jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
   data = np.load(out + ".inputs.npz")
-  mesh = pairwise.default_mesh()
+  mesh = parallel.data_mesh()
   assert mesh.size == 4, mesh
   results = {}
   for ring in (False, True):

@@ -9,10 +9,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from conftest import ROOT, load_config
+from pso_jax import parallel
 from pso_jax.data import dataset, pipeline
 from pso_jax.stages import prepare
 from pso_jax.errors import UserError
@@ -79,11 +81,9 @@ def test_finite_epochs_and_too_large_batch(workdir):
 
 
 def test_local_rows_to_global_on_8_devices(workdir):
-  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   batch = next(iter(pipeline.make_loader(dataset.load_split(workdir, "train"),
                                          global_batch_size=16, seed=0)))
-  out = pipeline.local_rows_to_global(
-      batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  out = parallel.local_rows_to_global(batch, parallel.batch_sharding(parallel.data_mesh()))
   assert isinstance(out["image"], jax.Array) and out["image"].shape == (16, 16, 16, 1)
   assert len(out["image"].sharding.device_set) == 8
   assert isinstance(out["patient_id"], np.ndarray)  # text stays on the host
@@ -98,13 +98,13 @@ jax.config.update("jax_num_cpu_devices", 2)
 port, pid, workdir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
 import jax.numpy as jnp
+from pso_jax import parallel
 from pso_jax.data import dataset, pipeline
 loader = pipeline.make_loader(dataset.load_split(workdir, "train"), global_batch_size=8, seed=5)
 it = iter(loader)
 batches = [next(it) for _ in range(4)]
-mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-total = jax.jit(lambda x: jnp.sum(x))(pipeline.local_rows_to_global(batches[0], data_sharding)["index"])
+data_sharding = parallel.batch_sharding(parallel.data_mesh())
+total = jax.jit(lambda x: jnp.sum(x))(parallel.local_rows_to_global(batches[0], data_sharding)["index"])
 json.dump({"indices": [b["index"].tolist() for b in batches], "global_sum": int(total),
            "devices": jax.device_count()}, open(out, "w"))
 """
@@ -181,9 +181,8 @@ def test_global_stream_is_the_same_on_every_layout(workdir):
 
 
 def test_process_rows_and_layout():
-  mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  spec = jax.sharding.PartitionSpec(("data", "fsdp"))
-  rows = pipeline.process_rows(jax.sharding.NamedSharding(mesh, spec), 16)
+  mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=2)))
+  rows = pipeline.process_rows(parallel.batch_sharding(mesh), 16)
   assert rows == {0: list(range(16))}
   assert pipeline.row_ranges([6, 0, 1, 2, 5]) == [[0, 3], [5, 7]]
   layout = pipeline.stream_layout(num_records=88, global_batch_size=16, seed=1, shuffle=True,

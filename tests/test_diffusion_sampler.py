@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pso_jax import parallel
 from pso_jax.diffusion import sampler as S
 
 SCHEDULE = dict(sigma_min=0.002, sigma_max=80.0, rho=7.0)
@@ -127,12 +128,12 @@ def test_images_do_not_depend_on_devices_or_batch_size():
   seeds = np.arange(1000, 1000 + n)
   cond = np.asarray(jax.random.normal(jax.random.key(5), (n, 3)))
   guidance = np.where(np.arange(n) % 2 == 0, 1.2, 0.9)
-  one = make_sampler(S.data_mesh(jax.devices()[:1]), batch_size=n)(seeds, cond, guidance)
-  eight = make_sampler(S.data_mesh(), batch_size=16)(seeds, cond, guidance)  # 2 batches, padded
+  one = make_sampler(parallel.data_mesh(jax.devices()[:1]), batch_size=n)(seeds, cond, guidance)
+  eight = make_sampler(parallel.data_mesh(), batch_size=16)(seeds, cond, guidance)  # 2 batches, padded
   assert len(jax.devices()) == 8
   np.testing.assert_allclose(eight, one, rtol=0, atol=1e-5)
   # a candidate alone gives the same image as inside a batch
-  alone = make_sampler(S.data_mesh(), batch_size=8)(seeds[5:6], cond[5:6], guidance[5:6])
+  alone = make_sampler(parallel.data_mesh(), batch_size=8)(seeds[5:6], cond[5:6], guidance[5:6])
   np.testing.assert_allclose(alone[0], one[5], atol=1e-5)
   # and different seeds give different images
   assert np.abs(one[0] - one[2]).mean() > 0.1
@@ -141,15 +142,15 @@ def test_images_do_not_depend_on_devices_or_batch_size():
 def test_short_batches_pad_to_power_of_two_buckets():
   """A short call runs at the smallest power-of-two multiple of the shards that holds it (few
   compiled shapes, little padding), and its images are those of a full batch."""
-  one_dev = make_sampler(S.data_mesh(jax.devices()[:1]), batch_size=32)
+  one_dev = make_sampler(parallel.data_mesh(jax.devices()[:1]), batch_size=32)
   assert [one_dev.padded_size(r) for r in (1, 2, 3, 5, 9, 17, 32, 33)] == [1, 2, 4, 8, 16, 32, 32, 32]
-  eight = make_sampler(S.data_mesh(), batch_size=40)  # 40: a multiple of the 8 shards
+  eight = make_sampler(parallel.data_mesh(), batch_size=40)  # 40: a multiple of the 8 shards
   assert [eight.padded_size(r) for r in (1, 8, 9, 17, 33, 40)] == [8, 8, 16, 32, 40, 40]
   n = 37
   seeds = np.arange(2000, 2000 + n)
   cond = np.asarray(jax.random.normal(jax.random.key(6), (n, 3)))
   guidance = np.full(n, 1.2)
-  full = make_sampler(S.data_mesh(jax.devices()[:1]), batch_size=64)(seeds, cond, guidance)
+  full = make_sampler(parallel.data_mesh(jax.devices()[:1]), batch_size=64)(seeds, cond, guidance)
   parts = np.concatenate([one_dev(seeds[:32], cond[:32], guidance[:32]),  # 32, then 5 -> 8
                           one_dev(seeds[32:], cond[32:], guidance[32:])])
   np.testing.assert_allclose(parts, full, rtol=0, atol=1e-5)
@@ -160,7 +161,7 @@ def test_sampler_guided_matches_hand_built_guidance_and_counts():
   n = 8
   seeds = np.arange(n)
   cond = np.asarray(jax.random.normal(jax.random.key(6), (n, 3)))
-  sampler = make_sampler(S.data_mesh(), batch_size=8)
+  sampler = make_sampler(parallel.data_mesh(), batch_size=8)
   out = sampler(seeds, cond, 1.5)
   assert sampler.evaluations == n * S.evaluations_per_candidate(4, True)
   net = conditional_toy_net()
@@ -174,4 +175,4 @@ def test_sampler_guided_matches_hand_built_guidance_and_counts():
   assert sampler.evaluations == n * S.evaluations_per_candidate(4, False)
   assert np.abs(plain - out).mean() > 1e-3
   with pytest.raises(ValueError, match="guide"):
-    make_sampler(S.data_mesh(), 8, guide=False)(seeds, cond, 1.2)
+    make_sampler(parallel.data_mesh(), 8, guide=False)(seeds, cond, 1.2)

@@ -3,16 +3,18 @@ augmentation properties, the sharded trainer against a 1-device run, orbax."""
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from pso_jax import parallel
 from pso_jax.models import cnn
+from pso_jax.models.batched_apply import FrozenNetwork
 from pso_jax.training import augment, supervised
 
 
-def _mesh(n):
-  auto = (jax.sharding.AxisType.Auto,) * 2
-  return jax.make_mesh((n, 1), ("data", "fsdp"), axis_types=auto, devices=jax.devices()[:n])
+def _mesh(n, fsdp=1):
+  return parallel.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=fsdp)), jax.devices()[:n])
 
 
 def _spec(head="embed", norm="batch", out_dim=6):
@@ -65,18 +67,20 @@ def _fit(mesh, norm):
     return cnn.normalise(x, spec)
 
   return supervised.fit(model=cnn.build_cnn(spec), variables=cnn.init_cnn(spec, jax.random.key(0)),
-                        optimizer=supervised.make_optimizer(1e-2, 1e-4), inputs_fn=inputs_fn,
+                        optimizer=supervised.make_supervised_optimizer(1e-2, 1e-4), inputs_fn=inputs_fn,
                         loss_fn=loss_fn, sampler=sampler, steps=3, key=jax.random.key(1),
                         mesh=mesh, log_every=1)
 
 
 def test_sharded_fit_equals_one_device():
   # BatchNorm: the 8-device step must use the statistics of the global batch, like 1 device
-  one, eight = _fit(_mesh(1), "batch"), _fit(_mesh(8), "batch")
-  assert [h["loss"] for h in one.history] == pytest.approx([h["loss"] for h in eight.history],
-                                                           rel=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
-               one.variables, eight.variables)
+  # on a (data 4, fsdp 2) mesh the batch is split over both axes, as on (data 8, fsdp 1)
+  one = _fit(_mesh(1), "batch")
+  for eight in (_fit(_mesh(8), "batch"), _fit(_mesh(8, fsdp=2), "batch")):
+    assert [h["loss"] for h in one.history] == pytest.approx([h["loss"] for h in eight.history],
+                                                             rel=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+                 one.variables, eight.variables)
 
 
 def test_orbax_round_trip_and_batched_apply(tmp_path):
@@ -87,9 +91,10 @@ def test_orbax_round_trip_and_batched_apply(tmp_path):
   restored = supervised.restore_variables(str(tmp_path / "ckpt"), abstract)
   jax.tree.map(np.testing.assert_array_equal, variables, restored)
   model = cnn.build_cnn(spec)
-  fn = jax.jit(lambda x: model.apply(restored, cnn.preprocess(x, spec), train=False))
+  net = FrozenNetwork(lambda v, x: model.apply(v, cnn.preprocess(x, spec), train=False), restored,
+                      batch_size=4)  # over the 8 local devices: batches of 8
   images = np.random.default_rng(0).integers(0, 256, (11, 8, 8, 1), np.uint8)
-  embeddings = supervised.apply_batched(fn, images, 4)
+  embeddings = net(images)
   assert embeddings.shape == (11, 6) and embeddings.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)  # embed head
   np.testing.assert_allclose(embeddings,

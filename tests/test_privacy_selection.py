@@ -274,7 +274,7 @@ def sampler_generator(mesh, batch_size):
 
 
 def test_one_and_eight_devices_give_the_same_synthetic_set(tmp_path):
-  from pso_jax.diffusion.sampler import data_mesh
+  from pso_jax.parallel import data_mesh
   train = toy_train(n_patients=4, scans=2)
   rule = sel.SelectionRule(n_candidates=3, guidance=1.2, guidance_step=0.1, guidance_floor=1.0,
                            max_rounds=3, second=True)

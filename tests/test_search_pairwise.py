@@ -8,10 +8,12 @@ import sys
 
 import faiss
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from conftest import ROOT
+from pso_jax import parallel
 from pso_jax.search import pairwise
 from pso_jax.errors import UserError
 
@@ -40,8 +42,7 @@ def _structured(n_patients=60, per=4, n_queries=150, d=24, seed=1):
 
 
 def _mesh1():
-  return jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:1])
+  return parallel.data_mesh(jax.devices()[:1])
 
 
 def _exact(q, r):
@@ -73,7 +74,7 @@ def test_knn_equals_numpy_and_faiss_on_1_and_8_devices(data):
   index.add(r)
   f_sims, f_idx = index.search(q, k)
   runs = {}
-  mesh2 = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  mesh2 = parallel.make_mesh(ml_collections.ConfigDict(dict(data=4, fsdp=2)))
   for name, mesh, ring in [("1dev", _mesh1(), False), ("8dev", None, False), ("ring", None, True),
                            ("data x fsdp ring", mesh2, True)]:
     sims, idx = pairwise.knn(q, r, k, query_block=16, ref_block=512, mesh=mesh, ring=ring)
@@ -209,7 +210,7 @@ def test_aligned_host_arrays_are_used_in_place():
   x = pairwise.aligned_empty((300, 24))
   x[...] = 1.0
   assert x.ctypes.data % 64 == 0 and pairwise._as_host(x, np.float32) is x
-  dev = pairwise._put(pairwise._as_host(x, np.float32), _mesh1(), jax.sharding.PartitionSpec())
+  dev = parallel.host_to_global(pairwise._as_host(x, np.float32), parallel.replicated(_mesh1()))
   assert dev.addressable_data(0).unsafe_buffer_pointer() == x.ctypes.data
   y = np.ones((300, 24), np.float64)
   z = pairwise._as_host(y, np.float32)

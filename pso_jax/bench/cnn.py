@@ -7,13 +7,12 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pso_jax import parallel
 from pso_jax.privacy import reid
 from pso_jax.stages import train_reid as reid_train
 from pso_jax.bench import cxr_config
 from pso_jax.training.matmul_rate import matmul_gflops
-from pso_jax.data import pipeline
 from pso_jax.evaluate import classifier as classifier_lib
 from pso_jax.models import cnn
 from pso_jax.training import supervised
@@ -39,13 +38,12 @@ def _time(fn, args, steps: int):
 
 def bench_one(name, section, spec, inputs_fn, loss_fn, batch, mesh, steps, ref_gflops):
   model = cnn.build_cnn(spec)
-  optimizer = supervised.make_optimizer(float(section.lr))
-  step = supervised.make_train_step(model, optimizer, inputs_fn, loss_fn, mesh)
+  optimizer = supervised.make_supervised_optimizer(float(section.lr))
+  step = supervised.make_supervised_step(model, optimizer, inputs_fn, loss_fn, mesh)
   state = jax.device_put(supervised.create_state(cnn.init_cnn(spec, jax.random.key(0)), optimizer),
-                         NamedSharding(mesh, P()))
-  data = NamedSharding(mesh, P("data"))
-  batch = {k: pipeline.full_host_to_global(v, data) for k, v in batch.items()}
-  key = jax.device_put(jax.random.key(1), NamedSharding(mesh, P()))
+                         parallel.replicated(mesh))
+  batch = parallel.host_to_global(batch, parallel.batch_sharding(mesh))
+  key = jax.device_put(jax.random.key(1), parallel.replicated(mesh))
   # the step donates its state: time it on a loop that feeds the new state back
   compiled_flops = _flops(step, (state, batch, key))
   state, _ = step(state, batch, key)
@@ -71,7 +69,7 @@ def main(argv):
   parser.add_argument("--steps", type=int, default=20)
   args = parser.parse_args(argv[1:])
   config = cxr_config(args.variant)
-  mesh = supervised.get_mesh(config)
+  mesh = parallel.make_mesh(config.mesh)
   ref = matmul_gflops()
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; matmul reference "
         f"{ref:.1f} GFLOP/s (same run)")

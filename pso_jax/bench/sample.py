@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pso_jax import parallel
 from pso_jax.bench import cxr_config
 from pso_jax.training.matmul_rate import reference_gflops
 from pso_jax.diffusion import sampler as S
@@ -48,7 +49,7 @@ def bench_preset(name: str, steps: int, batch: int, guidance: float, repeats: in
   guided = guidance != 1.0
   sampler = S.GuidedSampler(net, S.null_condition_guide(net) if guided else None,
                             key=jax.random.key(1), shape=shape, steps=steps, sigma_min=0.002,
-                            sigma_max=80.0, rho=7.0, batch_size=batch, mesh=S.data_mesh())
+                            sigma_max=80.0, rho=7.0, batch_size=batch, mesh=parallel.data_mesh())
   b = sampler.batch_size
   cond = np.random.default_rng(0).normal(size=(b, dim)).astype(np.float32)
   cond /= np.maximum(np.linalg.norm(cond, axis=1, keepdims=True), 1e-12)
@@ -77,8 +78,7 @@ def main(argv):
   args = parser.parse_args(argv[1:])
   per = lambda spec: {k: int(v) for k, v in (p.split("=") for p in spec.split(","))}
   steps, batch = per(args.steps), per(args.batch)
-  from pso_jax.parallel import compiler_options
-  sampler_options = compiler_options(jax.sharding.Mesh(np.array(jax.devices()), ("data",)))
+  sampler_options = parallel.compiler_options(parallel.data_mesh())
   matmul = reference_gflops(args.matmul_n, compiler_options=sampler_options)
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; matmul {args.matmul_n}^3: "
         f"{matmul:.1f} GFLOP/s (reference, same run)")

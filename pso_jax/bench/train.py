@@ -82,14 +82,14 @@ def main(argv):
 
   from pso_jax.training.matmul_rate import reference_gflops
   from pso_jax.training import metrics
-  from pso_jax.parallel import compiler_options
+  from pso_jax.parallel import compiler_options, data_mesh
   config = _config(args.preset, args.batch, args.dtype, args.grad_accum, args.channels)
   device = jax.devices()[0]
   print(f"train bench: preset={args.preset} channels={config.model.channels or 'preset'} "
         f"batch={args.batch} grad_accum={args.grad_accum} "
         f"dtype={args.dtype} on {jax.device_count()} x {device.device_kind}", flush=True)
   run_one, r = compile_step(config)
-  step_options = compiler_options(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",)))
+  step_options = compiler_options(data_mesh(jax.devices()[:1]))
   # alternate the two measurements and keep the best of each: on a shared machine the load
   # changes from second to second, and the ratio should compare like with like
   step_s, mm = float("inf"), 0.0

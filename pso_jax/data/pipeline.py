@@ -4,11 +4,10 @@ The stream is the same for every process layout: shuffled epochs of the split's 
 index shuffle, reseeded per epoch), cut into consecutive global batches of global_batch_size.
 Each process loads only its rows of every global batch (`rows`: the rows of the global array its
 devices hold, `process_rows`), so the local batches together form one global batch
-(`local_rows_to_global`)
-whatever the number of processes, devices or loader workers. Batches have static shapes, so jitted
-steps never recompile. The loader's iterator has get_state()/set_state() for exact resume on the
-same layout; on another layout a loader built with start_batch=<batches consumed> continues the
-same stream (`resume_plan`, used by the training loop).
+(`parallel.local_rows_to_global`) whatever the number of processes, devices or loader workers.
+Batches have static shapes, so jitted steps never recompile. The loader's iterator has
+get_state()/set_state() for exact resume on the same layout; on another layout a loader built with
+start_batch=<batches consumed> continues the same stream (`resume_plan`, used by the training loop).
 """
 
 import sys
@@ -16,7 +15,6 @@ import sys
 import grain
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from pso_jax.errors import UserError
 
@@ -190,24 +188,3 @@ def resume_plan(saved: dict | None, layout: dict, step: int) -> tuple[int, bool]
   if saved and saved.get("layout") == layout:
     return int(saved["start_batch"]), True
   return int(step), False
-
-
-def _is_numeric(x) -> bool:
-  return isinstance(x, np.ndarray) and x.dtype.kind in "biufc"
-
-
-def local_rows_to_global(batch: dict, sharding: NamedSharding) -> dict:
-  """Process-local numpy batch (this process's rows only) -> global jax.Arrays with `sharding`
-  (the one its rows were chosen for: `process_rows(sharding, B)`).
-
-  Text fields (patient ids, paths) stay local numpy arrays: they never enter jitted code.
-  """
-  return {k: jax.make_array_from_process_local_data(sharding, v) if _is_numeric(v) else v
-          for k, v in batch.items()}
-
-
-def full_host_to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A global array from a host array every process holds in full (each keeps its own shards);
-  `local_rows_to_global` is for batches of which each process holds only its rows."""
-  array = np.asarray(array)
-  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])

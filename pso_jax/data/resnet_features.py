@@ -12,19 +12,18 @@ import numpy as np
 
 from pso_jax.errors import UserError
 from pso_jax.models import torchvision_nets
-from pso_jax.models.batched_apply import BatchedApply
+from pso_jax.models.batched_apply import FrozenNetwork
 
 
 @functools.lru_cache(maxsize=2)
-def _extractor(weights: str, resize: int, batch_size: int) -> BatchedApply:
+def _extractor(weights: str, resize: int, batch_size: int) -> FrozenNetwork:
   model, variables = torchvision_nets.load("resnet50", weights, num_classes=0)
 
-  def features(variables, batch):
-    (images,) = batch
+  def features(variables, images):
     f = model.apply(variables, torchvision_nets.imagenet_preprocess(images, resize))
     return f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
 
-  return BatchedApply(features, variables, batch_size=batch_size, desc="ResNet-50 features")
+  return FrozenNetwork(features, variables, batch_size=batch_size, desc="ResNet-50 features")
 
 
 def extract(config, images_uint8: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 
 from pso_jax.errors import UserError
 from pso_jax.models import sd_vae
-from pso_jax.models.batched_apply import BatchedApply
+from pso_jax.models.batched_apply import FrozenNetwork
 
 _NOISE_TAG = 0x5D7AE  # separates the posterior noise stream from other uses of config.seed
 
@@ -63,14 +63,13 @@ def _check_size(size: int, vc: sd_vae.VAEConfig):
 
 @functools.lru_cache(maxsize=4)
 def _encoder(vae_dir: str, mean: tuple, std: tuple, final_std: float, sample: bool, seed: int,
-             batch_size: int) -> BatchedApply:
+             batch_size: int) -> FrozenNetwork:
   model, variables = _load(vae_dir)
   in_ch = model.config.in_channels
   scale = np.float32(final_std) / np.asarray(std, np.float32)
   base = jax.random.fold_in(jax.random.key(seed), _NOISE_TAG)
 
-  def encode(variables, batch):
-    images, index = batch
+  def encode(variables, images, index):
     x = images.astype(jnp.float32) / 255.0
     if x.shape[-1] != in_ch:
       x = jnp.broadcast_to(x[..., :1], x.shape[:-1] + (in_ch,))  # grey -> RGB
@@ -80,24 +79,23 @@ def _encoder(vae_dir: str, mean: tuple, std: tuple, final_std: float, sample: bo
       m = sd_vae.sample_posterior(m, logvar, keys)
     return (m - jnp.asarray(mean, jnp.float32)) * scale
 
-  return BatchedApply(encode, variables, batch_size=batch_size, desc="VAE encode")
+  return FrozenNetwork(encode, variables, batch_size=batch_size, desc="VAE encode")
 
 
 @functools.lru_cache(maxsize=4)
 def _decoder(vae_dir: str, mean: tuple, std: tuple, final_std: float, out_channels: int,
-             batch_size: int) -> BatchedApply:
+             batch_size: int) -> FrozenNetwork:
   model, variables = _load(vae_dir)
   scale = np.asarray(std, np.float32) / np.float32(final_std)
 
-  def decode(variables, batch):
-    (z,) = batch
+  def decode(variables, z):
     raw = z.astype(jnp.float32) * scale + jnp.asarray(mean, jnp.float32)
     x = jnp.clip(model.apply(variables, raw, method=model.decode), 0.0, 1.0)
     if out_channels != x.shape[-1]:
       x = jnp.mean(x, axis=-1, keepdims=True)  # RGB -> grey for 1-channel datasets
     return (x * 255.0).astype(jnp.uint8)
 
-  return BatchedApply(decode, variables, batch_size=batch_size, desc="VAE decode")
+  return FrozenNetwork(decode, variables, batch_size=batch_size, desc="VAE decode")
 
 
 def encode_images(config, images_uint8: np.ndarray, *, start_index: int = 0) -> np.ndarray:

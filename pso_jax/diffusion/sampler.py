@@ -12,11 +12,9 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pso_jax.data import pipeline
+from pso_jax import parallel
 from pso_jax.models.batched_apply import bucket_size
-from pso_jax.parallel import compiler_options
 
 DenoiseFn = Callable[[jax.Array, jax.Array, Any], jax.Array]  # (x, sigma [B], cond) -> D(x)
 
@@ -114,36 +112,6 @@ def unconditional_guide(net: Denoiser) -> Denoiser:
   return Denoiser(apply, net.variables)
 
 
-def data_mesh(devices=None) -> jax.sharding.Mesh:
-  """A one-axis ('data',) mesh over `devices` (default: all), classic GSPMD propagation."""
-  devices = list(jax.devices() if devices is None else devices)
-  return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
-
-
-def batch_axes(mesh: jax.sharding.Mesh) -> tuple:
-  """Mesh axes the batch is split over: 'data' and, on a training mesh, also 'fsdp'."""
-  return tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-
-
-def batch_shards(mesh: jax.sharding.Mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
-
-
-def batch_to_global(array: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
-  """Host array (the same on every process) -> global array with its first axis split over the
-  mesh's batch axes (`pipeline.full_host_to_global` with that sharding)."""
-  sharding = NamedSharding(mesh, P(batch_axes(mesh), *([None] * (array.ndim - 1))))
-  return pipeline.full_host_to_global(array, sharding)
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
-
-
 class GuidedSampler:
   """Samples candidates for (seed, condition, guidance) triples in fixed-size batches (a short
   last batch padded to a power-of-two size, `padded_size`).
@@ -157,8 +125,8 @@ class GuidedSampler:
                mesh: Optional[jax.sharding.Mesh] = None):
     self.net, self.ref, self.key, self.shape = net, ref, key, tuple(shape)
     self.steps = steps
-    self.mesh = mesh if mesh is not None else data_mesh()
-    shards = batch_shards(self.mesh)
+    self.mesh = mesh if mesh is not None else parallel.data_mesh()
+    shards = parallel.batch_shards(self.mesh)
     self.batch_size = -(-max(batch_size, 1) // shards) * shards  # a multiple of the batch shards
     self._schedule = dict(steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
     self._compiled = {}
@@ -167,7 +135,7 @@ class GuidedSampler:
   def _function(self, guided: bool):
     if guided not in self._compiled:
       net, ref, shape, schedule = self.net, self.ref, self.shape, self._schedule
-      out_sharding = NamedSharding(self.mesh, P(batch_axes(self.mesh)))
+      out_sharding = parallel.batch_sharding(self.mesh)
 
       def sample(variables, ref_variables, key, seeds, cond, guidance):
         noise = jax.lax.with_sharding_constraint(candidate_noise(key, seeds, shape), out_sharding)
@@ -177,19 +145,19 @@ class GuidedSampler:
                            **schedule)
 
       self._compiled[guided] = jax.jit(sample, out_shardings=out_sharding,
-                                       compiler_options=compiler_options(self.mesh))
+                                       compiler_options=parallel.compiler_options(self.mesh))
     return self._compiled[guided]
 
   def padded_size(self, rows: int) -> int:
     """The batch `rows` candidates run at (`batched_apply.bucket_size`): selection's later rounds
     retry a few images each, and padding those to the full batch ran the demo's select stage
     at ~40% useful slots."""
-    return bucket_size(rows, batch_shards(self.mesh), self.batch_size)
+    return bucket_size(rows, parallel.batch_shards(self.mesh), self.batch_size)
 
   def _arguments(self, seeds, cond, guidance):
     ref_variables = self.ref.variables if self.ref is not None else None
-    return (self.net.variables, ref_variables, self.key, batch_to_global(seeds, self.mesh),
-            batch_to_global(cond, self.mesh), batch_to_global(guidance, self.mesh))
+    batch = parallel.host_to_global((seeds, cond, guidance), parallel.batch_sharding(self.mesh))
+    return (self.net.variables, ref_variables, self.key, *batch)
 
   def __call__(self, seeds, cond, guidance) -> np.ndarray:
     seeds = np.asarray(seeds, np.uint32)
@@ -207,7 +175,7 @@ class GuidedSampler:
       padded = [np.concatenate([a[start:stop], np.repeat(a[stop - 1:stop], pad, axis=0)])
                 for a in (seeds, cond, guidance)]
       result = self._function(guided)(*self._arguments(*padded))
-      out.append(to_host(result)[:stop - start])
+      out.append(parallel.to_host(result)[:stop - start])
       self.evaluations += (stop - start) * evaluations_per_candidate(self.steps, guided)
     if not out:
       return np.zeros((0,) + self.shape, np.float32)

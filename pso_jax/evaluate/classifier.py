@@ -7,7 +7,6 @@ sigmoid outputs when configured (reference: Resize(256) then TenCrop(224)), else
 """
 
 import dataclasses
-import functools
 import os
 
 import jax
@@ -15,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pso_jax import io_utils
+from pso_jax import io_utils, parallel
 from pso_jax.errors import UserError
 from pso_jax.models import cnn
+from pso_jax.models.batched_apply import FrozenNetwork, check_images
 from pso_jax.training import augment, supervised
 
 SUBDIR = "classifier"
@@ -124,13 +124,10 @@ class Classifier:
       p = jax.nn.sigmoid(model.apply(variables, cnn.normalise(flat, spec), train=False))
       return jnp.mean(p.reshape(10, -1, p.shape[-1]), axis=0)
 
-    self._sharding = supervised.local_data_sharding()  # batches split over the local devices
-    replicated = jax.sharding.NamedSharding(self._sharding.mesh, jax.sharding.PartitionSpec())
-    self._probs = functools.partial(jax.jit(probs), jax.device_put(self.variables, replicated))
+    self._probs = FrozenNetwork(probs, self.variables, batch_size=self.batch_size)
 
   def predict(self, images) -> np.ndarray:
-    return supervised.apply_to_images(self._probs, images, self.spec.channels, self.batch_size,
-                                      self._sharding, "classifier")
+    return self._probs(check_images(images, self.spec.channels, "classifier")).astype(np.float32)
 
 
 def checkpoint_dir(out_dir: str, which: str = "best") -> str:
@@ -158,10 +155,10 @@ def train_classifier(config, train_images, train_labels, val_images, val_labels,
   k_init, k_train = jax.random.split(key)
   fitted = supervised.fit(
       model=model, variables=cnn.init_cnn(spec, k_init, section.weights),
-      optimizer=supervised.make_optimizer(section.lr, section.weight_decay),
+      optimizer=supervised.make_supervised_optimizer(section.lr, section.weight_decay),
       inputs_fn=make_inputs_fn(section, spec), loss_fn=bce_loss,
       sampler=make_sampler(train_images, train_labels, section.batch_size, config.seed),
-      steps=steps, key=k_train, mesh=supervised.get_mesh(config), desc="classifier",
+      steps=steps, key=k_train, mesh=parallel.make_mesh(config.mesh), desc="classifier",
       val_fn=make_val_fn(model, spec, val_images, val_labels, 4 * section.batch_size),
       eval_every=section.eval_every or per_epoch, log_every=max(1, min(50, steps // 10)),
       plateau=(supervised.Plateau(int(section.plateau_patience), float(section.plateau_factor))

@@ -1,8 +1,10 @@
 """Running a frozen network over many images: fixed-size batches sharded over this process's devices.
 
-Every process of a multi-host run encodes its own records, so the mesh spans the local devices
-only. A short last batch is padded to a power-of-two size (`bucket_size`: few compiled shapes,
-little padding) and the padding is dropped.
+`apply_in_batches(fn, arrays, batch_size, mesh)` is the loop: consecutive batches, each split over
+the mesh's batch axes, a short last batch padded to a power-of-two size (`bucket_size`: few
+compiled shapes, little padding) and the padding dropped. `FrozenNetwork` binds it to a network:
+the jitted function and its variables, replicated once over the local devices (every process of a
+multi-host run runs the network over its own images).
 """
 
 import math
@@ -10,14 +12,10 @@ from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from pso_jax import progress
-
-
-def local_data_mesh() -> Mesh:
-  devices = np.array(jax.local_devices())
-  return Mesh(devices, ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+from pso_jax import parallel, progress
+from pso_jax.errors import UserError
 
 
 def bucket_size(rows: int, multiple: int, batch_size: int) -> int:
@@ -31,20 +29,20 @@ def bucket_size(rows: int, multiple: int, batch_size: int) -> int:
   return min(size, batch_size)
 
 
-def apply_in_batches(fn: Callable, arrays, batch_size: int,
-                     sharding: Optional[NamedSharding] = None,
+def apply_in_batches(fn: Callable, arrays, batch_size: int, mesh: Optional[Mesh] = None,
                      on_batch: Optional[Callable[[int], Any]] = None):
   """`fn(*batch)` for consecutive batches of `arrays` (same leading axis, at least one row),
-  concatenated: an array or tuple of arrays with the batch's leading axis.
+  concatenated: an array or tuple of arrays with the batch's leading axis, on the host.
 
-  Batches hold `batch_size` rows, rounded up to a multiple of `sharding`'s devices; a short last
+  Batches hold `batch_size` rows, rounded up to a multiple of the mesh's batch shards; a short last
   (or only) batch runs at `bucket_size`'s power-of-two size, so a jitted `fn` compiles for few
-  shapes and pads little. Each batch is put on `sharding` when given, padded with copies of its
-  last row, and the padding dropped from the outputs. `on_batch(rows)` is called after each batch
-  with its number of real rows (a progress bar's update).
+  shapes and pads little. Each batch is padded with copies of its last row, put on the mesh's
+  batch sharding when a mesh is given (one made of this process's devices), and the padding
+  dropped from the outputs. `on_batch(rows)` is called after each batch with its number of real
+  rows (a progress bar's update).
   """
   n = len(arrays[0])
-  n_dev = 1 if sharding is None else sharding.mesh.size
+  n_dev = 1 if mesh is None else parallel.batch_shards(mesh)
   full = max(1, math.ceil(batch_size / n_dev)) * n_dev
   outs = []
   for start in range(0, n, full):
@@ -53,38 +51,48 @@ def apply_in_batches(fn: Callable, arrays, batch_size: int,
     valid = len(chunk[0])
     if valid < bs:
       chunk = [np.concatenate([c, np.repeat(c[-1:], bs - valid, axis=0)]) for c in chunk]
-    if sharding is not None:
-      chunk = jax.device_put(chunk, sharding)
+    if mesh is not None:
+      chunk = parallel.host_to_global(chunk, parallel.batch_sharding(mesh))
     out = fn(*chunk)
-    outs.append(jax.tree.map(lambda o: np.asarray(jax.device_get(o))[:valid], out))
+    outs.append(jax.tree.map(lambda o: o[:valid], parallel.to_host(out)))
     if on_batch is not None:
       on_batch(valid)
   return jax.tree.map(lambda *o: np.concatenate(o), *outs)
 
 
-class BatchedApply:
-  """`BatchedApply(fn, variables)(*arrays)`: fn(variables, batch) for every batch, concatenated
-  (`apply_in_batches`, with a progress bar).
+def check_images(images, channels: int, what: str) -> np.ndarray:
+  """`images` as a numpy array [N, H, W, channels], or a UserError naming `what` and the shape."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != channels:
+    raise UserError(f"{what} expects uint8 images [N, H, W, {channels}], got "
+                    f"{images.dtype} {images.shape}")
+  return images
 
-  batch is the tuple of the arrays' slices; fn maps it to an array (or tuple of arrays) with the
-  same leading axis.
-  The jitted function and the replicated variables are kept, so repeated calls do not recompile.
+
+class FrozenNetwork:
+  """`FrozenNetwork(fn, variables, batch_size=...)(*arrays)`: `fn(variables, *batch)` for every
+  batch of the arrays, concatenated (`apply_in_batches` over this process's devices).
+
+  fn maps the batch's arrays to an array (or tuple of arrays) with the same leading axis. It is
+  jitted once and the variables replicated once over the local devices, so repeated calls neither
+  recompile nor copy the weights again. `desc`: show a progress bar under that name.
   """
 
-  def __init__(self, fn: Callable, variables, *, batch_size: int, desc: str = "", unit: str = "img"):
-    self.mesh = local_data_mesh()
-    self.n_dev = self.mesh.devices.size
-    self.batch_size = max(1, math.ceil(batch_size / self.n_dev)) * self.n_dev
-    self.desc, self.unit = desc, unit
-    replicated = NamedSharding(self.mesh, P())
-    self.data = NamedSharding(self.mesh, P("data"))
+  def __init__(self, fn: Callable, variables, *, batch_size: int, desc: Optional[str] = None,
+               unit: str = "img"):
+    self.mesh = parallel.data_mesh(jax.local_devices())
+    self.batch_size, self.desc, self.unit = batch_size, desc, unit
+    replicated, batch = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
     self.variables = jax.device_put(variables, replicated)
-    self.fn = jax.jit(fn, in_shardings=(replicated, self.data), out_shardings=self.data)
+    self._fn = jax.jit(lambda v, arrays: fn(v, *arrays), in_shardings=(replicated, batch),
+                       out_shardings=batch)
 
-  def __call__(self, *arrays: np.ndarray):
+  def __call__(self, *arrays) -> np.ndarray:
     n = len(arrays[0])
     if n == 0:
-      raise ValueError("BatchedApply called with no images")
+      raise UserError(f"no images to run {self.desc or 'the network'} on (empty input)")
+    run = lambda *chunk: self._fn(self.variables, chunk)
+    if self.desc is None:
+      return apply_in_batches(run, arrays, self.batch_size, self.mesh)
     with progress.bar(total=n, desc=self.desc, unit=self.unit) as pbar:
-      return apply_in_batches(lambda *chunk: self.fn(self.variables, chunk), arrays,
-                              self.batch_size, self.data, pbar.update)
+      return apply_in_batches(run, arrays, self.batch_size, self.mesh, pbar.update)

@@ -9,7 +9,6 @@ patient" is the predicate sim >= tau. tau is calibrated on patient-disjoint vali
 """
 
 import dataclasses
-import functools
 import os
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 from pso_jax import io_utils
 from pso_jax.errors import UserError
 from pso_jax.models import cnn
+from pso_jax.models.batched_apply import FrozenNetwork, check_images
 from pso_jax.training import augment, supervised
 
 TAU_MODES = ("fpr", "prob05")
@@ -179,18 +179,15 @@ class ReidModel:
   def __post_init__(self):
     model, spec, shifts = cnn.build_cnn(self.spec), self.spec, int(self.embed_shifts)
     # weights as an argument, not a closure: big nets would otherwise be baked into the program
-    apply = jax.jit(lambda v, x: embed_images(model, v, x, spec, shifts))
-    self._sharding = supervised.local_data_sharding()  # batches split over the local devices
-    replicated = jax.sharding.NamedSharding(self._sharding.mesh, jax.sharding.PartitionSpec())
-    self._apply = functools.partial(apply, jax.device_put(self.variables, replicated))
+    self._embed = FrozenNetwork(lambda v, x: embed_images(model, v, x, spec, shifts),
+                                self.variables, batch_size=self.batch_size)
 
   @property
   def embed_dim(self) -> int:
     return self.spec.out_dim
 
   def embed(self, images) -> np.ndarray:
-    return supervised.apply_to_images(self._apply, images, self.spec.channels, self.batch_size,
-                                      self._sharding, "re-id model")
+    return self._embed(check_images(images, self.spec.channels, "re-id model")).astype(np.float32)
 
 
 def checkpoint_dir(out_dir: str) -> str:

@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
+from pso_jax import parallel
 from pso_jax.errors import UserError
 
 _CHUNK = 16           # columns per chunk for the chunk-maximum top-k
@@ -94,11 +95,6 @@ def _eps_coeff(dtype: str, d: int) -> float:
   if dtype == "bfloat16":
     return 2 * 2.0 ** -8 + 2.0 ** -16 + accumulate   # two inputs rounded to 8 significant bits
   return accumulate
-
-
-def default_mesh():
-  return jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 # ----------------------------------------------------------------------------- device kernels
@@ -174,7 +170,7 @@ def _engine(mesh, ring: bool, reducer_key: tuple, qb: int, rb: int, dtype: str, 
   masked: (topk) some rows are padding (id -1), so every block is masked."""
   kind, *params = reducer_key
   init, block_aux, update = (_topk_reducer if kind == "topk" else _count_reducer)(*params)
-  axes = tuple(mesh.axis_names)
+  axes = parallel.batch_axes(mesh)
   n_dev = mesh.size
   compute = DTYPES[dtype]
 
@@ -231,9 +227,10 @@ def _engine(mesh, ring: bool, reducer_key: tuple, qb: int, rb: int, dtype: str, 
         carry = jax.lax.scan(step, (refs, aux, carry), None, length=n_dev - 1)[0][2]
     return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), carry)
 
-  ref_spec = P(axes) if ring else P()
-  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), ref_spec, ref_spec),
-                     out_specs=P(axes), check_vma=False)
+  batch = parallel.batch_spec(mesh)
+  ref_spec = batch if ring else P()
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(batch, ref_spec, ref_spec), out_specs=batch,
+                     check_vma=False)
   return jax.jit(fn)
 
 
@@ -255,18 +252,6 @@ def _as_host(x: np.ndarray, dtype) -> np.ndarray:
   return out
 
 
-def _put(x: np.ndarray, mesh, spec) -> jax.Array:
-  sharding = NamedSharding(mesh, spec)
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def _fetch(tree):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return jax.tree.map(np.array, multihost_utils.process_allgather(tree, tiled=True))
-  return jax.tree.map(np.array, tree)
-
-
 def _run_engine(mesh, ring, reducer_key, queries, refs, aux, qb, rb, dtype, masked=False):
   """Pads queries to the mesh x block grid, places everything, runs, returns host arrays [n]."""
   n = queries.shape[0]
@@ -278,13 +263,14 @@ def _run_engine(mesh, ring, reducer_key, queries, refs, aux, qb, rb, dtype, mask
     qpad[n:] = 0
   else:
     qpad = _as_host(queries, host_dtype)
-  axes = tuple(mesh.axis_names)
-  spec = P(axes) if ring else P()
+  batch = parallel.batch_sharding(mesh)
+  ref_sharding = batch if ring else parallel.replicated(mesh)
   fn = _engine(mesh, ring, reducer_key, qb, rb, dtype, bool(masked))
   with jax.set_mesh(mesh):
-    out = fn(_put(qpad, mesh, P(axes)), _put(_as_host(refs, host_dtype), mesh, spec),
-             jax.tree.map(lambda a: _put(a, mesh, spec), aux))
-  return jax.tree.map(lambda a: a[:n], _fetch(out))
+    out = fn(parallel.host_to_global(qpad, batch),
+             parallel.host_to_global(_as_host(refs, host_dtype), ref_sharding),
+             parallel.host_to_global(aux, ref_sharding))
+  return jax.tree.map(lambda a: a[:n], parallel.to_host(out))
 
 
 def _blocks(n_rows: int, ref_block: int, n_dev: int, ring: bool) -> int:
@@ -423,7 +409,7 @@ def _resolve(queries, refs, query_block, ref_block, dtype, mesh, ring):
   queries, qnorm = _checked("queries", queries)
   refs, rnorm = _checked("references", refs, queries.shape[1])
   return queries, refs, _Options(int(query_block), int(ref_block), dtype,
-                                 mesh if mesh is not None else default_mesh(), bool(ring),
+                                 mesh if mesh is not None else parallel.data_mesh(), bool(ring),
                                  qnorm, float(rnorm.max()))
 
 

@@ -260,7 +260,7 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
     cleanup.callback(writer.close)
 
     def next_batch():  # this process's rows of the next global batch, as global arrays
-      return pipeline.local_rows_to_global(model_batch(stream.take(), config, kanon_table), batch_sharding)
+      return parallel.local_rows_to_global(model_batch(stream.take(), config, kanon_table), batch_sharding)
 
     values, batch = None, next_batch()
     with jax.set_mesh(mesh):

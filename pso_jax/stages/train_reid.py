@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 
-from pso_jax import io_utils
+from pso_jax import io_utils, parallel
 from pso_jax.privacy import reid
 from pso_jax.errors import UserError
 from pso_jax.evaluate import utility
@@ -122,10 +122,10 @@ def train_reid(config, splits: dict, out_dir: str, key=None) -> dict:
   steps = int(section.steps)
   fitted = supervised.fit(
       model=cnn.build_cnn(spec), variables=cnn.init_cnn(spec, k_init, section.weights),
-      optimizer=supervised.make_optimizer(section.lr, section.weight_decay, steps, "cosine"),
+      optimizer=supervised.make_supervised_optimizer(section.lr, section.weight_decay, steps, "cosine"),
       inputs_fn=make_inputs_fn(section, spec),
       loss_fn=lambda z, batch: reid.supcon_loss(z, batch["label"], section.temperature),
-      sampler=sampler, steps=steps, key=k_train, mesh=supervised.get_mesh(config),
+      sampler=sampler, steps=steps, key=k_train, mesh=parallel.make_mesh(config.mesh),
       desc="train_reid", log_every=max(1, min(50, steps // 10)))
   supervised.save_variables(reid.checkpoint_dir(out_dir), fitted.variables)
   supervised.write_history(os.path.join(out_dir, "metrics.jsonl"), fitted.history)

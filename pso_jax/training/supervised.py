@@ -1,9 +1,11 @@
 """A small sharded supervised trainer, shared by the re-id embedder and the finding classifier.
 
 The train step is one jitted pure function `(state, batch, key) -> (state, metrics)`: parameters
-and optimizer state replicated, the batch split over the mesh's 'data' axis (GSPMD inserts the
-gradient all-reduce, and BatchNorm statistics are those of the global batch). The caller supplies
-three pieces:
+and optimizer state replicated, the batch split over the mesh's batch axes (`parallel.batch_spec`;
+GSPMD inserts the gradient all-reduce, and BatchNorm statistics are those of the global batch).
+The names say "supervised" (`SupervisedState`, `make_supervised_step`, `make_supervised_optimizer`)
+to keep them apart from the diffusion model's (`diffusion.train_step`, `diffusion.optim`).
+The caller supplies three pieces:
   - `sampler(step) -> dict of numpy arrays`: the global batch, a deterministic function of step,
     so every process of a multi-host run builds the same batch and keeps its own shard;
   - `inputs_fn(images, key) -> float inputs`: in-graph augmentation from the step key;
@@ -20,19 +22,15 @@ from typing import Any, Callable, Optional
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pso_jax import io_utils, progress
-from pso_jax.data import pipeline
+from pso_jax import io_utils, parallel, progress
 from pso_jax.errors import UserError
-from pso_jax.models.batched_apply import apply_in_batches, local_data_mesh
 
 
 @flax.struct.dataclass
-class TrainState:
+class SupervisedState:
   step: jax.Array
   params: Any
   model_state: Any  # non-trained collections (BatchNorm statistics); {} when there are none
@@ -75,17 +73,7 @@ class FitResult:
   seconds: float
 
 
-def get_mesh(config) -> jax.sharding.Mesh:
-  """The project's ('data', 'fsdp') mesh; our CNNs are small, so they only use 'data'."""
-  try:
-    from pso_jax.parallel import make_mesh
-  except ImportError:
-    auto = (jax.sharding.AxisType.Auto,) * 2
-    return jax.make_mesh((jax.device_count(), 1), ("data", "fsdp"), axis_types=auto)
-  return make_mesh(config.mesh)
-
-
-def make_optimizer(lr: float, weight_decay: float = 0.0, steps: int = 0,
+def make_supervised_optimizer(lr: float, weight_decay: float = 0.0, steps: int = 0,
                    schedule: str = "constant") -> optax.GradientTransformation:
   """Adam with L2 weight decay added to the gradient (torch.optim.Adam's weight_decay, as in the
   reference classifier), constant or cosine-decayed learning rate."""
@@ -96,17 +84,19 @@ def make_optimizer(lr: float, weight_decay: float = 0.0, steps: int = 0,
   return optax.chain(*parts, optax.adam(lr))
 
 
-def create_state(variables: dict, optimizer) -> TrainState:
+def create_state(variables: dict, optimizer) -> SupervisedState:
   variables = dict(variables)
   params = variables.pop("params")
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
-                    opt_state=optimizer.init(params), lr_scale=jnp.ones((), jnp.float32))
+  return SupervisedState(step=jnp.zeros((), jnp.int32), params=params, model_state=variables,
+                         opt_state=optimizer.init(params), lr_scale=jnp.ones((), jnp.float32))
 
 
-def make_train_step(model, optimizer, inputs_fn: Callable, loss_fn: Callable, mesh):
-  replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+def make_supervised_step(model, optimizer, inputs_fn: Callable, loss_fn: Callable, mesh):
+  """The jitted `(state, batch, key) -> (state, metrics)` on `mesh` (state replicated, batch split
+  over the batch axes; the state is donated)."""
+  replicated = parallel.replicated(mesh)
 
-  def train_step(state: TrainState, batch: dict, key):
+  def train_step(state: SupervisedState, batch: dict, key):
     step_key = jax.random.fold_in(key, state.step)
     x = inputs_fn(batch["image"], step_key)
     mutable = list(state.model_state) or False
@@ -125,7 +115,7 @@ def make_train_step(model, optimizer, inputs_fn: Callable, loss_fn: Callable, me
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
     return state, metrics
 
-  return jax.jit(train_step, in_shardings=(replicated, batch_sharded, replicated),
+  return jax.jit(train_step, in_shardings=(replicated, parallel.batch_sharding(mesh), replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
@@ -136,12 +126,12 @@ def fit(*, model, variables: dict, optimizer, inputs_fn: Callable, loss_fn: Call
   """Runs `steps` train steps; evaluates `val_fn` every `eval_every` steps and at the end
   (and lowers the learning rate on a plateau of the validation value when `plateau` is given)."""
   batch_size = len(sampler(0)["image"])
-  n_data = mesh.shape["data"]
-  if batch_size % n_data:
-    raise UserError(f"{desc}: batch size {batch_size} is not divisible by the mesh's data axis "
-                    f"({n_data} devices); choose a batch size that is a multiple of {n_data}")
-  replicated, batch_sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  step_fn = make_train_step(model, optimizer, inputs_fn, loss_fn, mesh)
+  shards = parallel.batch_shards(mesh)
+  if batch_size % shards:
+    raise UserError(f"{desc}: batch size {batch_size} is not divisible by the {shards} devices the "
+                    f"mesh splits a batch over; choose a batch size that is a multiple of {shards}")
+  replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  step_fn = make_supervised_step(model, optimizer, inputs_fn, loss_fn, mesh)
   state = jax.device_put(create_state(variables, optimizer), replicated)
   key = jax.device_put(key, replicated)
   history, best = [], (None, 0, None)  # (best value, step, host variables)
@@ -149,7 +139,7 @@ def fit(*, model, variables: dict, optimizer, inputs_fn: Callable, loss_fn: Call
   eval_every = eval_every or steps
   with progress.bar(total=steps, desc=desc, unit="step") as pbar:
     for step in range(steps):
-      batch = {k: pipeline.full_host_to_global(v, batch_sharded) for k, v in sampler(step).items()}
+      batch = parallel.host_to_global(sampler(step), batch_sharding)
       state, metrics = step_fn(state, batch, key)
       if (step + 1) % log_every == 0 or step + 1 == steps:
         entry = {"step": step + 1, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
@@ -194,29 +184,3 @@ def restore_variables(directory: str, abstract: dict) -> dict:
 def write_history(path: str, history: list) -> None:
   if jax.process_index() == 0:
     io_utils.write_text(path, "".join(json.dumps(h) + "\n" for h in history))
-
-
-def local_data_sharding() -> NamedSharding:
-  """Batch split over this process's devices (inference: every process embeds its own images)."""
-  return NamedSharding(local_data_mesh(), P("data"))
-
-
-def apply_to_images(fn: Callable, images, channels: int, batch_size: int,
-                    sharding: Optional[NamedSharding], what: str) -> np.ndarray:
-  """`apply_batched` over uint8 images [N, H, W, channels], refusing any other shape by name."""
-  images = np.asarray(images)
-  if images.ndim != 4 or images.shape[-1] != channels:
-    raise UserError(f"{what} expects uint8 images [N, H, W, {channels}], got "
-                    f"{images.dtype} {images.shape}")
-  return apply_batched(fn, images, batch_size, sharding).astype(np.float32)
-
-
-def apply_batched(fn: Callable, images: np.ndarray, batch_size: int,
-                  sharding: Optional[NamedSharding] = None) -> np.ndarray:
-  """`fn` (jitted) over `images` in batches, each split over `sharding`'s devices when given
-  (`batched_apply.apply_in_batches`: full batches, a short last one padded to a power-of-two
-  size, so `fn` compiles for few shapes; the padding is dropped)."""
-  images = np.asarray(images)
-  if len(images) == 0:
-    raise UserError("no images to run the network on (empty input)")
-  return apply_in_batches(fn, (images,), batch_size, sharding)
