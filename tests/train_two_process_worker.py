@@ -57,7 +57,6 @@ def main(process_id: int, port: int, out: str, steps: int) -> None:
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                              process_id=process_id)
   import numpy as np
-  from jax.experimental import multihost_utils
   from pso_jax.models.presets import build_model, model_input_shape
   from pso_jax import parallel
   from pso_jax.diffusion import train_step as step_lib
@@ -76,16 +75,14 @@ def main(process_id: int, port: int, out: str, steps: int) -> None:
   mesh = parallel.make_mesh(config.mesh)
   state, shardings = parallel.create_sharded(lambda k: step_lib.init_state(model, config, k), mesh,
                                              config.mesh.fsdp_min_size, jax.random.key(0))
-  batch_sharding = parallel.batch_sharding(mesh)
-  batch = {k: jax.make_array_from_callback(v.shape, batch_sharding, lambda idx, v=v: v[idx])
-           for k, v in dict(x=x, cond=cond).items()}
+  batch = parallel.host_to_global(dict(x=x, cond=cond), parallel.batch_sharding(mesh))
   step = step_lib.jit_train_step(step_lib.make_train_step(model, config), shardings, mesh)
   losses = []
   with jax.set_mesh(mesh):
     for _ in range(steps):
       state, metrics = step(state, batch, jax.random.key(1))
       losses.append(float(metrics["loss"]))
-  params = multihost_utils.process_allgather(state.params, tiled=True)
+  params = parallel.to_host(state.params)
   if process_id == 0:
     with open(out, "w") as f:
       json.dump({"losses": losses,

@@ -22,9 +22,8 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
-from pso_jax import io_utils
+from pso_jax import io_utils, parallel
 from pso_jax.errors import UserError
 
 
@@ -153,7 +152,7 @@ def _flat(tree) -> dict:
 
 def save_ema_snapshots(directory: str, ema_by_std: dict, nimg: int) -> None:
   """Writes one npz per EMA width (all processes gather; process 0 writes)."""
-  host = {std: multihost_utils.process_allgather(tree, tiled=True) for std, tree in ema_by_std.items()}
+  host = {std: parallel.to_host(tree) for std, tree in ema_by_std.items()}
   if jax.process_index() != 0:
     return
   for std, tree in host.items():
