@@ -51,19 +51,25 @@ def write_json(path: str, obj: Any) -> None:
   write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
+COMPLETE = "COMPLETE"  # a finished stage's marker, written last
+
+
 def finished_result(out_dir: str, result_file: str):
   """A stage's stored result when its COMPLETE marker exists, else None."""
-  if os.path.exists(os.path.join(out_dir, "COMPLETE")):
+  if os.path.exists(os.path.join(out_dir, COMPLETE)):
     return read_json(os.path.join(out_dir, result_file))
   return None
 
 
 def finish_stage(out_dir: str, result_file: str, result: Any) -> None:
-  """Process 0 writes the stage's result, then the COMPLETE marker last (what reruns look for)."""
+  """Process 0 writes the stage's result (unless None: the stage wrote it), then the COMPLETE
+  marker last (what reruns look for); a result file named COMPLETE is the marker itself."""
   import jax
   if jax.process_index() == 0:
-    write_json(os.path.join(out_dir, result_file), result)
-    write_text(os.path.join(out_dir, "COMPLETE"), "ok\n")
+    if result is not None:
+      write_json(os.path.join(out_dir, result_file), result)
+    if result_file != COMPLETE:
+      write_text(os.path.join(out_dir, COMPLETE), "ok\n")
 
 
 def read_json(path: str) -> Any:

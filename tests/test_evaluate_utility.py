@@ -144,7 +144,7 @@ def test_supcon_loss_matches_numpy():
 
 
 def test_reid_bad_splits_fail_before_training():
-  from pso_jax.stages import train_reid as reid_train
+  from pso_jax.privacy import reid_training as reid_train
   from tests.conftest import load_config
   section = load_config("tiny").reid
 

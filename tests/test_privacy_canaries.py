@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from pso_jax.stages import audit as audit_stage, train_reid as reid_train
+from pso_jax.privacy import audit as audit_lib, reid_training as reid_train
 from pso_jax.privacy import canaries as canaries_lib, reid
 from pso_jax.data import phantom
 
@@ -52,8 +52,8 @@ def test_shifted_canaries_flagged_with_their_patient(trained, tmp_path):
   audited, planted = canaries_lib.plant(unseen["image"], train["image"], train["patient_id"], 40,
                                         seed=3, noise=a.canary_noise, shift=a.canary_shift,
                                         contrast=a.canary_contrast)
-  res = audit_stage.audit_images(config, str(tmp_path), audited, embedder=model, canaries=planted,
-                                 train=train, holdout=splits["test"], write=False)
+  res = audit_lib.audit_images(config, str(tmp_path), audited, embedder=model, canaries=planted,
+                               train=train, holdout=splits["test"])
   c = res["canaries"]
   assert c["by_kind"]["shift"] == {"n": 10, "named": 10, "singled_out": 10}  # 8 singled out before
   ev = res["evidence"]

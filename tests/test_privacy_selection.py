@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from pso_jax.privacy import selection as sel
-from pso_jax.stages import select as select_stage
+from pso_jax import io_utils
+from pso_jax.privacy import selection_workdir
 from pso_jax.data import release as synthetic_set
 from pso_jax.errors import UserError
 from tests.conftest import load_config
@@ -186,7 +187,9 @@ def run_selection(out_dir, inputs, rule, chunk_images, stop_after=None):
                          save_png=synthetic_set.write_png)
   n_chunks = -(-len(inputs.paths) // chunk_images)
   if len(stats) == n_chunks:
-    select_stage.finish(out_dir, inputs, rule, stats, dict(image_shape=[H, W, C]))
+    selection_workdir.write_lists(out_dir, inputs, len(stats))  # what the select stage writes
+    summary = sel.summarise(stats, rule, inputs) | dict(image_shape=[H, W, C])
+    io_utils.finish_stage(out_dir, "summary.json", summary)
   return stats
 
 

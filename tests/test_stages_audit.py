@@ -10,12 +10,12 @@ import pytest
 
 from conftest import clone_workdir, load_config
 from pso_jax import stages
-from pso_jax.stages import audit as audit_stage
+from pso_jax.privacy import audit as audit_lib
 from pso_jax.privacy import canaries as canaries_lib
 from pso_jax.data import release as synthetic_set
 from pso_jax.data import phantom
 from pso_jax.errors import UserError
-from pso_jax.report import html
+from pso_jax.report import audit_report, html
 
 
 class FourierEmbedder:
@@ -48,9 +48,9 @@ def test_canaries_flagged_and_named_unseen_real_not(phantom_sets, tmp_path):
                                         seed=1, noise=4.0, shift=1, contrast=1.15)
   assert sorted(set(planted.kind)) == sorted(canaries_lib.KINDS)
   out = tmp_path / "audit"
-  result = audit_stage.audit_images(config, str(tmp_path), audited, embedder=FourierEmbedder(),
-                                    canaries=planted, train=train, holdout=holdout,
-                                    out_dir=str(out))
+  result = audit_lib.audit_images(config, str(tmp_path), audited, embedder=FourierEmbedder(),
+                                  canaries=planted, train=train, holdout=holdout)
+  audit_report.write(str(out), result, audited, train["image"])
   c = result["canaries"]
   assert c["all_flagged"] and c["named"] == 12 and c["singled_out"] == 12
   assert all(v["n"] == 3 and v["named"] == v["singled_out"] == 3 for v in c["by_kind"].values())
@@ -76,9 +76,8 @@ def test_canaries_flagged_and_named_unseen_real_not(phantom_sets, tmp_path):
 
 def test_control_is_not_flagged_without_copies(phantom_sets, tmp_path):
   config, train, holdout, unseen = phantom_sets
-  result = audit_stage.audit_images(config, str(tmp_path), unseen["image"],
-                                    embedder=FourierEmbedder(), train=train, holdout=holdout,
-                                    write=False)
+  result = audit_lib.audit_images(config, str(tmp_path), unseen["image"],
+                                  embedder=FourierEmbedder(), train=train, holdout=holdout)
   s = result["summary"]
   assert s["attack"]["successes"] == 0 and s["verdict"] == "pass"
   # the control is a holdout sample of the audited set's size, so no size warning
@@ -90,9 +89,9 @@ def test_smaller_control_is_named_in_the_warnings(phantom_sets):
   config, train, holdout, unseen = phantom_sets
   e = FourierEmbedder()
   audited = e.embed(np.concatenate([unseen["image"], unseen["image"][:7]]))
-  result = audit_stage.audit_embeddings(config, audited, e.embed(train["image"]),
-                                        train["patient_id"], e.embed(holdout["image"]),
-                                        holdout["patient_id"], e.tau)
+  result = audit_lib.audit_embeddings(config, audited, e.embed(train["image"]),
+                                      train["patient_id"], e.embed(holdout["image"]),
+                                      holdout["patient_id"], e.tau)
   n_hold = len(holdout["image"])
   assert result["meta"]["n_control"] == n_hold == len(audited) - 7
   assert result["summary"]["control"]["n"] == n_hold
@@ -105,7 +104,7 @@ def test_bad_inputs(phantom_sets):
   e = FourierEmbedder()
   a, t, h = (e.embed(x["image"]) for x in (train, train, holdout))
   tp, hp = train["patient_id"], holdout["patient_id"]
-  run = lambda *args, tau=0.99: audit_stage.audit_embeddings(config, *args, tau)
+  run = lambda *args, tau=0.99: audit_lib.audit_embeddings(config, *args, tau)
   with pytest.raises(UserError, match="shares .* patients with training"):
     run(a, t, tp, t, tp)
   with pytest.raises(UserError, match="outside the similarity range"):
@@ -175,8 +174,8 @@ def test_chance_match_calibration_raises_tau(phantom_sets):
   e = FourierEmbedder()
   emb = {k: e.embed(v["image"]) for k, v in (("train", train), ("holdout", holdout),
                                              ("unseen", unseen))}
-  result = audit_stage.audit_embeddings(config, emb["unseen"], emb["train"], train["patient_id"],
-                                        emb["holdout"], holdout["patient_id"], 0.5)
+  result = audit_lib.audit_embeddings(config, emb["unseen"], emb["train"], train["patient_id"],
+                                      emb["holdout"], holdout["patient_id"], 0.5)
   tau = result["meta"]["tau"]
   other = result["arrays"]["train_other_nn"]
   assert result["meta"]["tau_given"] == 0.5 and tau > 0.9
@@ -196,11 +195,11 @@ def test_a_canary_is_flagged_when_named_even_if_it_matches_two_patients():
   planted = canaries_lib.Canaries(position=np.array([0, 1]), train_index=np.array([5, 6]),
                                   patient=np.array(["p1", "p2"]), kind=np.array(["exact", "shift"]))
   two_patients = {"evidence": [evidence("p1", 1, True), evidence("p2", 2, False)]}
-  c = audit_stage.check_canaries(two_patients, planted)
+  c = audit_lib.check_canaries(two_patients, planted)
   assert c["all_flagged"] and c["named"] == 2 and c["singled_out"] == 1
   assert c["by_kind"]["shift"] == {"n": 1, "named": 1, "singled_out": 0}
   wrong = {"evidence": [evidence("p1", 1, True), evidence("p9", 1, True)]}
-  c = audit_stage.check_canaries(wrong, planted)
+  c = audit_lib.check_canaries(wrong, planted)
   assert not c["all_flagged"] and c["named"] == 1
   unlinked = {"evidence": [evidence("p1", 1, True), evidence("p2", 0, False)]}
-  assert not audit_stage.check_canaries(unlinked, planted)["all_flagged"]
+  assert not audit_lib.check_canaries(unlinked, planted)["all_flagged"]

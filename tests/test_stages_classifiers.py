@@ -13,7 +13,7 @@ from pso_jax.privacy import reid
 from pso_jax.data import dataset
 from pso_jax.errors import UserError
 from pso_jax.evaluate import classifier as classifier_lib
-from pso_jax.stages import evaluate as evaluate_stage
+from pso_jax.evaluate import synthetic_utility
 from tests.conftest import clone_workdir
 
 
@@ -83,13 +83,13 @@ def test_evaluate_on_a_released_set(trained):
               "paths": [f"images/{i}.png" for i in range(n)], "source_index": np.arange(n)}
   # features of the released images, computed as prepare computes them: here the train images
   # themselves, so they must reproduce prepare's stored train features
-  (syn, train_feats, _), note = evaluate_stage.synthetic_features(config, workdir, train["image"],
-                                                                  train["image"])
+  (syn, train_feats, _), note = synthetic_utility.synthetic_features(config, workdir, train["image"],
+                                                                     train["image"])
   assert note is None
   np.testing.assert_allclose(syn, train_feats, atol=1e-4)
 
   splits = {s: dataset.load_arrays(workdir, s, ("image", "labels")) for s in ("train", "val", "test")}
-  result = evaluate_stage.evaluate(config, workdir, splits, released)
+  result = synthetic_utility.evaluate(config, workdir, splits, released)
   util = result["utility"]
   assert util["difference"]["value"] == pytest.approx(
       util["models"]["synthetic"]["mean_auroc"] - util["models"]["real"]["mean_auroc"])
@@ -99,12 +99,12 @@ def test_evaluate_on_a_released_set(trained):
 
   bad = dict(released, labels=released["labels"][:, :7])
   with pytest.raises(UserError, match="labels have shape"):
-    evaluate_stage.check_synthetic(bad, splits["train"], config.data.findings)
+    synthetic_utility.check_synthetic(bad, splits["train"], config.data.findings)
   flipped = released["labels"].copy()
   flipped[0] = 1 - flipped[0]
   with pytest.raises(UserError, match="differ from their source"):
-    evaluate_stage.check_synthetic(dict(released, labels=flipped), splits["train"],
-                                   config.data.findings)
+    synthetic_utility.check_synthetic(dict(released, labels=flipped), splits["train"],
+                                      config.data.findings)
   with pytest.raises(UserError, match="no labels"):
-    evaluate_stage.check_synthetic(dict(released, labels=None), splits["train"],
-                                   config.data.findings)
+    synthetic_utility.check_synthetic(dict(released, labels=None), splits["train"],
+                                      config.data.findings)

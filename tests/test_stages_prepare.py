@@ -9,7 +9,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 from conftest import load_config
-from pso_jax.data import dataset, features, images, latents, phantom
+from pso_jax.data import dataset, features, images, latents, phantom, prepare_plan
 from pso_jax.stages import prepare
 from pso_jax.errors import UserError
 
@@ -151,7 +151,7 @@ def test_interrupted_prepare_leaves_no_dataset_and_resumes(tmp_path, monkeypatch
   filelist = tmp_path / "list.txt"
   _write_filelist(filelist, rows)
   config = _config(root, filelist=filelist)
-  plan = prepare.make_plan(config)
+  plan = prepare_plan.make_plan(config)
   last = rows[plan.rows["test"][-1]][0]  # decoded last: every earlier chunk is done by then
   good = (root / last).read_bytes()
   (root / last).write_bytes(good[: len(good) // 2])
@@ -167,7 +167,7 @@ def test_interrupted_prepare_leaves_no_dataset_and_resumes(tmp_path, monkeypatch
   (root / last).write_bytes(good)
   prepare.run(config, str(workdir))
   assert last in decoded and len(decoded) <= 8  # only the failed chunk was decoded again
-  assert prepare.is_complete(str(workdir)) and not (workdir / ".data.partial").exists()
+  assert dataset.is_complete(str(workdir)) and not (workdir / ".data.partial").exists()
 
 
 def _bad_input(tmp_path, breaks):
@@ -310,7 +310,7 @@ def test_features_aligned_with_train_split_only(tmp_path):
   filelist = tmp_path / "list.txt"
   _write_filelist(filelist, rows)
   config = _config(root, filelist=filelist)
-  n_train = len(prepare.make_plan(config).rows["train"])
+  n_train = len(prepare_plan.make_plan(config).rows["train"])
   feats = _features_file(tmp_path, config, n_train)
   workdir = str(tmp_path / "run")
   card = prepare.run(config, workdir)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pso_jax.stages import select as select_stage
-from pso_jax.stages import sample as sample_stage
+from pso_jax.diffusion import sampling
+from pso_jax.privacy import selection_workdir
 from pso_jax.errors import UserError
 from tests.conftest import load_config
 
@@ -22,11 +23,11 @@ def tiny_train(n=5, dim=16):
 
 def test_conditions_follow_the_condition_mode():
   config, train = load_config("tiny"), tiny_train()
-  np.testing.assert_array_equal(sample_stage.conditions_for(config, train), train["feature"])
+  np.testing.assert_array_equal(sampling.conditions_for(config, train), train["feature"])
   config.model.cond = "class"
-  np.testing.assert_array_equal(sample_stage.conditions_for(config, train), train["labels"])
+  np.testing.assert_array_equal(sampling.conditions_for(config, train), train["labels"])
   config.model.cond = "uncond"
-  assert sample_stage.conditions_for(config, train).shape == (5, 0)
+  assert sampling.conditions_for(config, train).shape == (5, 0)
 
 
 @pytest.mark.parametrize("break_features, message", [
@@ -39,7 +40,7 @@ def test_missing_or_mismatched_features_are_refused(break_features, message):
   config, train = load_config("tiny"), tiny_train()
   train["feature"] = break_features(train["feature"])
   with pytest.raises(UserError, match=message):
-    sample_stage.conditions_for(config, train)
+    sampling.conditions_for(config, train)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -64,13 +65,13 @@ def test_null_condition_guide_needs_condition_dropout():
   config.regulariser.cond_dropout = 0.0
   net = Denoiser(lambda v, x, s, c: x, {})
   with pytest.raises(UserError, match="condition dropout"):
-    sample_stage._guide(config, "unused", net)
+    sampling._guide(config, "unused", net)
   config.sample.guide = "separate"
   with pytest.raises(UserError, match="guide_workdir"):
-    sample_stage._guide(config, "unused", net)
+    sampling._guide(config, "unused", net)
   config.sample.guide = "autoguidance"
   with pytest.raises(UserError, match="guide_step"):
-    sample_stage._guide(config, "unused", net)
+    sampling._guide(config, "unused", net)
 
 
 def test_separate_guide_must_be_unconditional_and_same_shape(tmp_path):
@@ -83,42 +84,42 @@ def test_separate_guide_must_be_unconditional_and_same_shape(tmp_path):
   config.sample.guide, config.sample.guide_workdir = "separate", guide_dir
   net = Denoiser(lambda v, x, s, c: x, {})
   with pytest.raises(UserError, match="needs an unconditional one"):
-    sample_stage._guide(config, "unused", net)
+    sampling._guide(config, "unused", net)
   guide_config.model.cond = "uncond"
   guide_config.data.image_size = 32
   workdir_lib.prepare_workdir(guide_dir, guide_config, allow_config_change=True)
   with pytest.raises(UserError, match=r"works on \(32, 32, 1\) inputs"):
-    sample_stage._guide(config, "unused", net)
+    sampling._guide(config, "unused", net)
 
 
 def test_a_selection_by_another_model_is_refused(tmp_path):
   out = str(tmp_path)
   fp = dict(config_hash="abc", weights=1.5, guide="null_cond", guide_weights=None)
-  select_stage._check_same_model(out, fp, 4)
-  select_stage._check_same_model(out, fp, 4)  # the same model resumes
+  selection_workdir.check_same_model(out, fp, 4)
+  selection_workdir.check_same_model(out, fp, 4)  # the same model resumes
   with pytest.raises(UserError, match="another model"):
-    select_stage._check_same_model(out, dict(fp, weights=2.5), 4)
+    selection_workdir.check_same_model(out, dict(fp, weights=2.5), 4)
   with pytest.raises(UserError, match="another model"):
-    select_stage._check_same_model(out, fp, 8)
+    selection_workdir.check_same_model(out, fp, 8)
 
 
 def test_fingerprint_tells_weights_and_configs_apart():
   a = {"params": {"w": jax.numpy.arange(12.0).reshape(3, 4)}}
   b = {"params": {"w": jax.numpy.arange(12.0).reshape(3, 4).at[1, 2].add(0.01)}}
-  assert sample_stage.weight_checksum(a) != sample_stage.weight_checksum(b)
-  assert sample_stage.weight_checksum(a) == sample_stage.weight_checksum(
+  assert sampling.weight_checksum(a) != sampling.weight_checksum(b)
+  assert sampling.weight_checksum(a) == sampling.weight_checksum(
       jax.tree.map(lambda x: x + 0, a))
   c1, c2 = load_config("tiny"), load_config("tiny")
   c2.sample.batch_size = 3  # how to run, not what to compute
-  assert sample_stage._config_hash(c1) == sample_stage._config_hash(c2)
+  assert sampling._config_hash(c1) == sampling._config_hash(c2)
   c2.select.n_candidates = 7
-  assert sample_stage._config_hash(c1) != sample_stage._config_hash(c2)
+  assert sampling._config_hash(c1) != sampling._config_hash(c2)
 
 
 def test_preview_grid_alternates_real_and_generated_rows():
   real = np.full((6, 4, 4, 1), 10, np.uint8) + np.arange(6, dtype=np.uint8)[:, None, None, None]
   generated = real + 100
-  grid = sample_stage.preview_grid(real, generated, columns=3, pad=1)
+  grid = sampling.preview_grid(real, generated, columns=3, pad=1)
   assert grid.shape == (2 * 2 * 5 + 1, 3 * 5 + 1, 1)
   cell = lambda row, col: grid[1 + row * 5:1 + row * 5 + 4, 1 + col * 5:1 + col * 5 + 4]
   assert (cell(0, 2) == 12).all() and (cell(1, 2) == 112).all()  # real 2 above its candidate

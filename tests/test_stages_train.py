@@ -20,6 +20,7 @@ import pytest
 from conftest import ROOT, load_config
 from pso_jax.errors import UserError
 from pso_jax.training import checkpoint as ckpt_lib, metrics as metrics_lib
+from pso_jax.diffusion import denoiser
 from pso_jax.stages import train as loop
 
 COMPARED = ("loss", "grad_norm", "lr", "denoise_loss")
@@ -119,8 +120,8 @@ def test_kill_resume_is_bit_identical(data_workdir, uninterrupted):
 
   loop.run(_config(), workdir)
   assert _compared(workdir) == _compared(uninterrupted[0])  # exact: bit-identical losses
-  _, resumed = loop.load_denoiser(_config(), workdir, ema_std=0)
-  _, straight = loop.load_denoiser(_config(), uninterrupted[0], ema_std=0)
+  _, resumed = denoiser.load_denoiser(_config(), workdir, ema_std=0)
+  _, straight = denoiser.load_denoiser(_config(), uninterrupted[0], ema_std=0)
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -145,8 +146,8 @@ def _assert_same_run(workdir, reference, rtol):
   for key in COMPARED:
     np.testing.assert_allclose([got[s][key] for s in sorted(want)], [want[s][key] for s in sorted(want)],
                                rtol=rtol, err_msg=key)
-  _, a = loop.load_denoiser(_config(), workdir, ema_std=0)
-  _, b = loop.load_denoiser(_config(), reference, ema_std=0)
+  _, a = denoiser.load_denoiser(_config(), workdir, ema_std=0)
+  _, b = denoiser.load_denoiser(_config(), reference, ema_std=0)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
 
@@ -205,8 +206,8 @@ def test_resume_refuses_a_layout_that_cannot_continue(data_workdir, uninterrupte
 def test_load_denoiser_ema_choices(uninterrupted):
   workdir = uninterrupted[0]
   config = _config()
-  model, ema10 = loop.load_denoiser(config, workdir, ema_std=0.10)
-  _, raw = loop.load_denoiser(config, workdir, ema_std=0)
+  model, ema10 = denoiser.load_denoiser(config, workdir, ema_std=0.10)
+  _, raw = denoiser.load_denoiser(config, workdir, ema_std=0)
   snaps = {(n, s): p for n, s, p in ckpt_lib.list_ema_snapshots(os.path.join(workdir, "diffusion", "ema_snapshots"))}
   stored = ckpt_lib.load_ema_snapshot(snaps[(96, 0.1)], jax.device_get(raw["params"]))
   for a, b in zip(jax.tree.leaves(ema10["params"]), jax.tree.leaves(stored)):
@@ -214,7 +215,7 @@ def test_load_denoiser_ema_choices(uninterrupted):
   assert not all(np.array_equal(np.asarray(a), np.asarray(b))
                  for a, b in zip(jax.tree.leaves(ema10["params"]), jax.tree.leaves(raw["params"])))
   # an untracked width comes from the snapshots; reconstructing a tracked one gives it back
-  _, mid = loop.load_denoiser(config, workdir, ema_std=0.07)
+  _, mid = denoiser.load_denoiser(config, workdir, ema_std=0.07)
   from pso_jax.diffusion import ema as ema_lib
   found = [(n, s, ckpt_lib.load_ema_snapshot(p, stored))
            for n, s, p in ckpt_lib.list_ema_snapshots(os.path.join(workdir, "diffusion", "ema_snapshots"))]

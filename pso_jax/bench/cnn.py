@@ -10,7 +10,7 @@ import numpy as np
 
 from pso_jax import parallel
 from pso_jax.privacy import reid
-from pso_jax.stages import train_reid as reid_train
+from pso_jax.privacy import reid_training
 from pso_jax.bench import cxr_config
 from pso_jax.training.matmul_rate import matmul_gflops
 from pso_jax.evaluate import classifier as classifier_lib
@@ -82,7 +82,7 @@ def main(argv):
   batch = {"image": rng.integers(0, 256, (b, size, size, channels), np.uint8),
            "label": np.repeat(np.arange(b // section.scans_per_patient),
                               section.scans_per_patient).astype(np.int32)}
-  bench_one("re-id", section, spec, reid_train.make_inputs_fn(section, spec),
+  bench_one("re-id", section, spec, reid_training.make_inputs_fn(section, spec),
             lambda z, bt: reid.supcon_loss(z, bt["label"], section.temperature), batch, mesh,
             args.steps, ref)
 

@@ -36,8 +36,8 @@ def main(argv):
   config = cxr_config(args.variant)
   workdir = args.workdir or tempfile.mkdtemp(prefix="pso_jax_bench_data_")
   try:
-    if prepare.is_complete(workdir):
-      shutil.rmtree(prepare.data_dir(workdir))
+    if dataset.is_complete(workdir):
+      shutil.rmtree(dataset.data_dir(workdir))
     (_, imgs), t_draw = _timed(lambda: phantom.generate(config))
     card, t_prep = _timed(lambda: prepare.run(config, workdir))
     n = sum(s["records"] for s in card["splits"].values())

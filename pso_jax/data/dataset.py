@@ -9,12 +9,14 @@ from pso_jax.data import builder
 from pso_jax.data.filelists import SPLITS
 from pso_jax.errors import UserError
 
-COMPLETE = "COMPLETE"
+COMPLETE = io_utils.COMPLETE  # written last by prepare
+SUBDIR = "data"
+CARD_FILE = "card.json"  # the prepare stage's result: counts per split, finding, patients
 
 
 def data_dir(workdir: str) -> str:
   """Where the prepare stage writes the dataset."""
-  return os.path.join(workdir, "data")
+  return os.path.join(workdir, SUBDIR)
 
 
 def is_complete(workdir: str) -> bool:
@@ -114,7 +116,7 @@ def load_arrays(workdir: str, split: str, keys=("image", "labels", "patient_id")
 
 
 def load_card(workdir: str) -> dict:
-  return io_utils.read_json(os.path.join(_check(workdir, "train"), "card.json"))
+  return io_utils.read_json(os.path.join(_check(workdir, "train"), CARD_FILE))
 
 
 def load_features(workdir: str, split: str) -> np.ndarray:

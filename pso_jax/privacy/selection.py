@@ -6,7 +6,7 @@ pairwise kernel, per-patient threshold tau) is out; among the survivors the lowe
 wins. The two are never added together (the reference's `score + flag` breaks when BCE > 1). When
 no candidate survives, the image gets new seeds and lower guidance, down to a floor, then it is
 skipped. Everything here is plain numpy over the callables in `SelectionInputs`, so the rule is
-testable apart from the networks; `select_stage` builds the inputs from a workdir.
+testable apart from the networks; `selection_workdir.build_inputs` builds them from a workdir.
 """
 
 import dataclasses

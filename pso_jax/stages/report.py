@@ -1,268 +1,52 @@
 """The `report` stage: one page a person reads first, and the same numbers as results.json.
 
 It only reads what the earlier stages wrote (it trains and samples nothing), so it is cheap and
-always rewritten. `--compare=OTHER_WORKDIR` adds the other run's headline numbers side by side
-(e.g. with and without the diversity regulariser) and the config fields that differ.
+always rewritten (no COMPLETE marker). `--compare=OTHER_WORKDIR` adds the other run's headline
+numbers side by side (e.g. with and without the diversity regulariser) and the config fields that
+differ. The page, figures and numbers are `report.results_page`'s.
 """
 
-import json
 import os
-import time
 
 import jax
-import numpy as np
 
-from pso_jax import io_utils, workdir as workdir_lib
+from pso_jax import io_utils, stages
 from pso_jax.errors import UserError
-from pso_jax.report import figures, html
+from pso_jax.report import results_page
 
-SUBDIR = "report"          # figures; report.html and results.json sit at the workdir root
-RESULTS_FILE = "results.json"
-REPORT_FILE = "report.html"
-FIG = {"auroc": "report/auroc_per_class.png", "loss": "report/loss_curves.png",
-       "samples": "report/real_vs_synthetic.png"}
-STAGE_OUTPUTS = {   # stage -> (file, what it is) that the report needs
-    "prepare": ("data/card.json", "dataset card"),
-    "train": ("diffusion/COMPLETE", "diffusion training"),
-    "train_reid": ("reid/reid.json", "re-identification model"),
-    "train_classifier": ("classifier/classifier.json", "finding classifier"),
-    "select": ("synthetic/summary.json", "selection summary"),
-    "audit": ("audit/audit.json", "PSO audit"),
-    "evaluate": ("evaluate/evaluate.json", "utility and diversity"),
-}
-
-
-def _read(workdir, rel):
-  path = os.path.join(workdir, rel)
-  return io_utils.read_json(path) if os.path.exists(path) else None
-
-
-def _jsonl(path):
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def _dig(d, *keys):
-  for k in keys:
-    if not isinstance(d, dict) or k not in d:
-      return None
-    d = d[k]
-  return d
+# results.json's sections, each the result of one stage
+SECTIONS = {"data": "prepare", "diffusion": "train", "reid": "train_reid",
+            "classifier": "train_classifier", "selection": "select", "audit": "audit",
+            "evaluate": "evaluate"}
 
 
 def check_inputs(workdir: str) -> None:
-  missing = [f"{stage} ({what}: {rel})" for stage, (rel, what) in STAGE_OUTPUTS.items()
-             if not os.path.exists(os.path.join(workdir, rel))]
+  missing = stages.missing_inputs(workdir, "report")
   if missing:
     raise UserError(f"the report needs the outputs of every stage; missing in {workdir!r}: "
                     + "; ".join(missing) + ". Run --mode=pipeline (or the missing --mode=...) first")
 
 
-def timings(workdir: str) -> dict:
-  """Wall seconds spent per stage, summed over every invocation (resumed runs included)."""
-  out = {}
-  for row in _jsonl(os.path.join(workdir, "timings.jsonl")):
-    out[row["stage"]] = out.get(row["stage"], 0.0) + float(row["seconds"])
-  return out
-
-
-def headline(r: dict) -> dict:
-  """The numbers a reader compares across runs, flat and JSON-ready."""
-  util = _dig(r, "evaluate", "utility") or {}
-  real, syn = _dig(util, "models", "real") or {}, _dig(util, "models", "synthetic") or {}
-  audit = _dig(r, "audit", "summary") or {}
-  irs = _dig(r, "evaluate", "diversity", "image_retrieval") or {}
-  sel = r.get("selection") or {}
-  risk = audit.get("residual_risk") or {}
-  return {
-      "real_mean_auroc": real.get("mean_auroc"), "real_mean_auroc_ci": real.get("mean_auroc_ci"),
-      "synthetic_mean_auroc": syn.get("mean_auroc"),
-      "synthetic_mean_auroc_ci": syn.get("mean_auroc_ci"),
-      "auroc_gap": _dig(util, "difference", "value"), "auroc_gap_ci": _dig(util, "difference", "ci"),
-      "within_one_point": util.get("within_one_point"),
-      "pso_attack": _dig(audit, "attack", "value"),
-      "pso_attack_ci": [_dig(audit, "attack", "low"), _dig(audit, "attack", "high")],
-      "pso_control": _dig(audit, "control", "value"),
-      "pso_control_ci": [_dig(audit, "control", "low"), _dig(audit, "control", "high")],
-      "pso_residual_risk": risk.get("value"), "pso_residual_risk_ci": [risk.get("low"), risk.get("high")],
-      "pso_verdict": audit.get("verdict"), "pso_verdict_rule": audit.get("verdict_rule"),
-      "irs_synthetic": _dig(irs, "synthetic", "share"), "irs_real": _dig(irs, "real", "share"),
-      "irs_ratio": irs.get("ratio"),
-      "frechet_synthetic_train": _dig(r, "evaluate", "diversity", "frechet_synthetic_train"),
-      "frechet_real_train": _dig(r, "evaluate", "diversity", "frechet_real_train"),
-      "memorisation_1to1_before_selection": sel.get("one_to_one_memorisation_rate"),
-      "first_round_rejection_rate": sel.get("first_round_rejection_rate"),
-      "reid_auc": _dig(r, "reid", "auc"), "reid_tau": _dig(r, "reid", "tau"),
-  }
-
-
-def collect(workdir: str) -> dict:
-  r = {"workdir": os.path.abspath(workdir), "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC",
-                                                                        time.gmtime())}
-  r["config"] = _read(workdir, workdir_lib.CONFIG_FILE)
-  r["data"] = _read(workdir, "data/card.json")
-  r["diffusion"] = _read(workdir, "diffusion/COMPLETE")
-  r["reid"] = _read(workdir, "reid/reid.json")
-  r["classifier"] = _read(workdir, "classifier/classifier.json")
-  r["selection"] = _read(workdir, "synthetic/summary.json")
-  audit = _read(workdir, "audit/audit.json") or {}
-  r["audit"] = {k: audit.get(k) for k in ("summary", "meta", "canaries") if k in audit}
-  r["evaluate"] = _read(workdir, "evaluate/evaluate.json")
-  r["timings"] = timings(workdir)
-  r["headline"] = headline(r)
-  return r
-
-
-# ------------------------------------------------------------------ figures
-
-def _loss_figure(workdir: str, path: str) -> None:
-  rows = [x for x in _jsonl(os.path.join(workdir, "diffusion", "metrics.jsonl")) if "loss" in x]
-  curves = {"diffusion (EDM2 loss)": ([x["step"] for x in rows], [x["loss"] for x in rows])}
-  figures.loss_curves(curves, path)
-
-
-def _auroc_figure(r: dict, path: str) -> None:
-  util = _dig(r, "evaluate", "utility") or {}
-  findings = util.get("findings") or list(r["config"]["data"]["findings"])
-  series = {}
-  for name in ("real", "synthetic"):
-    per_class = _dig(util, "models", name, "per_class") or {}
-    series[f"trained on {name}"] = [
-        v["auroc"] if isinstance(v.get("auroc"), float) else None
-        for v in (per_class.get(f, {}) for f in findings)]
-  figures.auroc_bars(findings, series, path)
-
-
-def _samples_figure(workdir: str, path: str, n: int) -> None:
-  """Released synthetic images above the real training images that conditioned them."""
-  from pso_jax.data import release as synthetic_set
-  from pso_jax.data import dataset
-  released = synthetic_set.load_released(workdir)
-  train = dataset.load_split(workdir, "train")
-  pick = np.linspace(0, len(released["images"]) - 1, min(n, len(released["images"]))).astype(int)
-  real = np.stack([train[int(released["source_index"][i])]["image"] for i in pick])
-  figures.image_rows({"real (conditioning image)": real,
-                      "synthetic (released)": released["images"][pick]}, path, max_cols=n)
-
-
-# ------------------------------------------------------------------ page
-
-def _rate(v, ci, digits=3):
-  return html.fmt_ci(v, ci, digits)
-
-
-def _headline_rows(h: dict) -> list:
-  return [
-      ["mean AUROC, classifier trained on real", _rate(h["real_mean_auroc"], h["real_mean_auroc_ci"])],
-      ["mean AUROC, classifier trained on synthetic",
-       _rate(h["synthetic_mean_auroc"], h["synthetic_mean_auroc_ci"])],
-      ["gap synthetic - real (target: within one point)",
-       _rate(h["auroc_gap"], h["auroc_gap_ci"]) + " "
-       + html.verdict(h["within_one_point"], "within one point", "more than one point below")],
-      ["PSO attack rate (released images that single out)", _rate(h["pso_attack"], h["pso_attack_ci"])],
-      ["PSO control rate (holdout images, chance)", _rate(h["pso_control"], h["pso_control_ci"])],
-      ["PSO residual risk", _rate(h["pso_residual_risk"], h["pso_residual_risk_ci"]) + " "
-       + html.verdict(None if h["pso_verdict"] is None else h["pso_verdict"] == "pass",
-                      "PASS", "FAIL") + f" <span class='muted'>({html.esc(h['pso_verdict_rule'])})</span>"],
-      ["image retrieval score: synthetic / real test / ratio",
-       f"{html.fmt(h['irs_synthetic'])} / {html.fmt(h['irs_real'])} / {html.fmt(h['irs_ratio'])}"],
-      ["Fréchet distance to train: synthetic / real test",
-       f"{html.fmt(h['frechet_synthetic_train'], 4)} / {html.fmt(h['frechet_real_train'], 4)}"],
-      ["1:1 memorisation rate of candidates (before selection)",
-       html.fmt(h["memorisation_1to1_before_selection"])],
-      ["first-round rejection rate (linked to any training patient)",
-       html.fmt(h["first_round_rejection_rate"])],
-      ["re-identification AUC (held-out patients) / tau", f"{html.fmt(h['reid_auc'])} / "
-                                                          f"{html.fmt(h['reid_tau'])}"],
-  ]
-
-
-def _per_class_table(r: dict) -> str:
-  util = _dig(r, "evaluate", "utility") or {}
-  rows = []
-  for f in util.get("findings", []):
-    cells = [html.esc(f)]
-    for name in ("real", "synthetic"):
-      v = _dig(util, "models", name, "per_class", f) or {}
-      cells.append(_rate(v.get("auroc"), v.get("ci")) if isinstance(v.get("auroc"), float)
-                   else "undefined")
-    cells.append(str(_dig(util, "models", "real", "per_class", f, "positives")))
-    rows.append(cells)
-  notes = "".join(f"<p class='muted'>{html.esc(n)}</p>" for n in util.get("notes", []))
-  return html.table(["finding", "trained on real", "trained on synthetic", "test positives"],
-                    rows) + notes
-
-
-def _selection_table(sel: dict) -> str:
-  keys = ["train_images", "candidates", "n_candidates", "first_round_rejection_rate",
-          "rejection_rate", "retries_histogram", "skipped_images", "released",
-          "one_to_one_memorisation_rate", "missed_by_one_to_one_rate", "tau"]
-  rows = [[html.esc(k), html.esc(html.fmt(sel.get(k)))] for k in keys if k in sel]
-  rows.append(["candidates per second", html.fmt(_dig(sel, "throughput", "candidates_per_s"), 2)])
-  return html.table(["", "value"], rows)
-
-
-def _compare_section(r: dict, other: dict, other_dir: str) -> str:
-  h, o = r["headline"], other["headline"]
-  rows = [[html.esc(k), html.esc(html.fmt(h.get(k))), html.esc(html.fmt(o.get(k)))]
-          for k in h if not k.endswith("_ci") and k != "pso_verdict_rule"]
-  diff = workdir_lib._differences(workdir_lib._strip_runtime(other["config"] or {}),
-                                  workdir_lib._strip_runtime(r["config"] or {}))
-  return (html.table(["", "this run", f"other: {other_dir}"], rows)
-          + "<p>Config fields that differ (other -> this):</p><pre>"
-          + html.esc("\n".join(diff) or "(none)") + "</pre>")
-
-
-def render(r: dict, compare: tuple | None = None) -> str:
-  cfg = r["config"] or {}
-  body = html.section("Headline", html.table(["", "value [95% CI]"], _headline_rows(r["headline"]),
-                                             left_cols=1))
-  if compare:
-    body += html.section("Side by side", _compare_section(r, *compare))
-  body += html.section("Utility: per-class AUROC on the real test set",
-                       html.figure(FIG["auroc"], "per-class AUROC, real vs synthetic training")
-                       + _per_class_table(r))
-  body += html.section("Real vs synthetic samples",
-                       html.figure(FIG["samples"], "top: real training images; bottom: the "
-                                                   "synthetic image released for each"))
-  body += html.section("Selection", _selection_table(r.get("selection") or {}))
-  body += html.section("Privacy audit", (
-      "<p>Full audit with figures and per-image evidence: <a href=\"audit/audit.html\">"
-      "audit/audit.html</a>.</p>"
-      + html.figure("audit/nn_similarity.png", "nearest-neighbour similarity, tau marked")
-      + html.figure("audit/flag_rate_vs_tau.png", "share with a training match vs threshold")))
-  body += html.section("Training", html.figure(FIG["loss"], "diffusion training loss")
-                       + html.table(["model", "figure"], [
-                           ["re-identification (held-out patients)",
-                            f"AUC {html.fmt_ci(_dig(r, 'reid', 'auc'), _dig(r, 'reid', 'auc_ci'))}"],
-                           ["finding classifier (real)",
-                            f"mean AUROC {html.fmt(_dig(r, 'classifier', 'models', 'real', 'mean_auroc'))}"]]))
-  t = r["timings"]
-  body += html.section("Timings (wall seconds per stage, all invocations)", html.table(
-      ["stage", "seconds"], [[html.esc(k), html.fmt(v, 1)] for k, v in t.items()]
-      + [["total", html.fmt(sum(t.values()), 1)]]))
-  body += html.section("Config", "<pre>" + html.esc(json.dumps(cfg, indent=1)) + "</pre>")
-  return html.page("pso_jax run report",
-                   f"{cfg.get('variant') or 'reference recipe'} · dataset "
-                   f"{_dig(cfg, 'data', 'name')} · {r['generated']} · {r['workdir']}", body)
-
-
 def run(config, workdir: str, compare: str | None = None, **_) -> dict:
   check_inputs(workdir)
+  result_file = stages.stage("report").result
   other = None
   if compare:
-    path = os.path.join(compare, RESULTS_FILE)
+    path = os.path.join(compare, result_file)
     if not os.path.exists(path):
-      raise UserError(f"--compare={compare!r} has no {RESULTS_FILE}; run --mode=report there first")
+      raise UserError(f"--compare={compare!r} has no {result_file}; run --mode=report there first")
     other = (io_utils.read_json(path), compare)
-  r = collect(workdir)
+  r = results_page.collect(workdir, {section: stages.stage(mode).result_path
+                                     for section, mode in SECTIONS.items()})
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, SUBDIR), exist_ok=True)
-    _loss_figure(workdir, os.path.join(workdir, FIG["loss"]))
-    _auroc_figure(r, os.path.join(workdir, FIG["auroc"]))
-    _samples_figure(workdir, os.path.join(workdir, FIG["samples"]), int(config.report.grid))
-    io_utils.write_json(os.path.join(workdir, RESULTS_FILE), r)
-    io_utils.write_text(os.path.join(workdir, REPORT_FILE), render(r, other))
+    os.makedirs(os.path.join(workdir, results_page.SUBDIR), exist_ok=True)
+    fig = lambda name: os.path.join(workdir, results_page.FIG[name])
+    results_page.loss_figure(os.path.join(stages.output_dir(workdir, "train"), "metrics.jsonl"),
+                             fig("loss"))
+    results_page.auroc_figure(r, fig("auroc"))
+    results_page.samples_figure(workdir, fig("samples"), int(config.report.grid))
+  stages.finish(workdir, "report", r)  # results.json (no marker: the report is always redone)
+  if jax.process_index() == 0:
+    io_utils.write_text(os.path.join(workdir, results_page.REPORT_FILE),
+                        results_page.render(r, other, audit_dir=stages.stage("audit").folder))
   return r["headline"]

@@ -1,4 +1,5 @@
-"""The `train` stage: the sharded, resumable EDM2 training loop, and `load_denoiser` for sampling.
+"""The `train` stage: the sharded, resumable EDM2 training loop (`diffusion.denoiser` loads its
+weights back for sampling).
 
 diffusion/ holds the orbax checkpoints (with the grain iterator state), EMA snapshots, the
 k-anonymous neighbours, metrics.jsonl, TensorBoard events, and COMPLETE once
@@ -19,157 +20,14 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from pso_jax import io_utils, progress
+from pso_jax import parallel, progress, stages
 from pso_jax.data import pipeline
-from pso_jax.diffusion import ema as ema_lib
-from pso_jax.diffusion import regulariser
-from pso_jax.errors import UserError, require
+from pso_jax.diffusion import denoiser, train_setup
+from pso_jax.diffusion import train_step as step_lib
+from pso_jax.errors import UserError
 from pso_jax.models import presets
 from pso_jax.training import checkpoint as ckpt_lib
-from pso_jax import parallel
 from pso_jax.training import metrics as metrics_lib
-from pso_jax.diffusion import train_step as step_lib
-
-STAGE_DIR = "diffusion"
-
-
-def stage_dir(workdir: str) -> str:
-  return os.path.join(workdir, STAGE_DIR)
-
-
-def _keys(config):
-  """(init key, train key): fixed by the seed, independent of devices and processes."""
-  root = jax.random.fold_in(jax.random.key(int(config.seed)), 0x7EA1)
-  return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
-
-
-def check_config(config) -> None:
-  """Bad training settings stop here, before data or compilation."""
-  t, r = config.train, config.regulariser
-  presets.cond_dim(config)  # the condition mode
-  require(t.total_images >= t.batch_size,
-          f"config.train.total_images={t.total_images} is less than one batch "
-          f"({t.batch_size}); raise total_images or lower batch_size")
-  require(0 <= r.cond_dropout < 1, f"config.regulariser.cond_dropout={r.cond_dropout} must be in [0, 1)")
-  require(r.jitter >= 0, f"config.regulariser.jitter={r.jitter} must be >= 0")
-  require(0 <= r.kanon_prob <= 1, f"config.regulariser.kanon_prob={r.kanon_prob} must be in [0, 1]")
-  require(r.kanon_k >= 0, f"config.regulariser.kanon_k={r.kanon_k} must be >= 0 (0 = off)")
-  require(t.nan_patience >= 1, f"config.train.nan_patience={t.nan_patience} must be >= 1")
-  require(len(t.ema_stds) >= 1, "config.train.ema_stds needs at least one EMA width, e.g. (0.05, 0.10)")
-  for std in t.ema_stds:
-    try:
-      ema_lib.std_to_gamma(std)
-    except ValueError as e:
-      raise UserError(f"config.train.ema_stds: {e}") from None
-
-
-# ------------------------------------------------------------------ data
-
-def _kanon_table(config, workdir: str, out_dir: str):
-  """[N_train, d] k-anonymous conditions (neighbours found once and kept in diffusion/)."""
-  if config.model.cond == "uncond" or not regulariser.uses_kanon(config.regulariser):
-    return None
-  from pso_jax.data.dataset import load_arrays
-  k = int(config.regulariser.kanon_k)
-  cond_key = "feature" if config.model.cond == "pseudo" else "labels"
-  arrays = load_arrays(workdir, "train", keys=tuple({"feature", cond_key, "patient_id"}))
-  path = os.path.join(out_dir, f"kanon_neighbours_k{k}.npy")
-  if os.path.exists(path):
-    neighbours = np.load(path)
-  else:
-    neighbours = regulariser.kanon_neighbours(arrays["feature"], arrays["patient_id"], k)
-    if jax.process_index() == 0:
-      io_utils.write_npy(path, neighbours)
-  require(len(neighbours) == len(arrays["feature"]),
-          f"{path} was computed for another train split; delete it and rerun")
-  return regulariser.kanon_conditions(arrays[cond_key], neighbours)
-
-
-def model_batch(records: dict, config, kanon_table=None) -> dict:
-  """Loader records (process-local numpy) -> what the train step reads: x, cond, kanon_cond."""
-  from pso_jax.data.latents import to_model_space
-  if config.data.latent.kind == "identity":
-    x = to_model_space(records["image"], config)
-  else:
-    x = records["latent"]
-  out = {"x": np.asarray(x, np.float32)}
-  if config.model.cond == "pseudo":
-    out["cond"] = np.asarray(records["feature"], np.float32)
-  elif config.model.cond == "class":
-    out["cond"] = np.asarray(records["labels"], np.float32)
-  if kanon_table is not None:
-    out["kanon_cond"] = kanon_table[np.asarray(records["index"])]
-  return out
-
-
-class RelocatableSource:
-  """The train split under a repr without its path: grain compares repr(source) when restoring
-  an iterator, and a workdir may be moved or mounted elsewhere between a kill and the resume."""
-
-  def __init__(self, source):
-    self._source = source
-
-  def __len__(self):
-    return len(self._source)
-
-  def __getitem__(self, i):
-    return self._source[i]
-
-  def __getitems__(self, indices):
-    if hasattr(self._source, "__getitems__"):
-      return self._source.__getitems__(indices)
-    return [self._source[i] for i in indices]
-
-  def __repr__(self):
-    return f"pso_jax train split ({len(self._source)} records)"
-
-
-class BatchStream:
-  """The loader iterator, one batch read ahead, whose checkpointed state counts only the batches
-  handed to training (so a checkpoint taken while the next batch is prefetched resumes right)."""
-
-  def __init__(self, iterator):
-    self._it = iterator
-    self._state = iterator.get_state()
-    self._ahead = None
-
-  def prefetch(self) -> None:
-    if self._ahead is None:
-      batch = next(self._it)
-      self._ahead = (batch, self._it.get_state())
-
-  def take(self):
-    self.prefetch()
-    (batch, self._state), self._ahead = self._ahead, None
-    return batch
-
-  # the grain checkpoint handler's protocol
-  def get_state(self):
-    return self._state
-
-  def set_state(self, state) -> None:
-    self._it.set_state(state)
-    self._state, self._ahead = state, None
-
-  def start_prefetch(self) -> None:
-    pass
-
-
-# ------------------------------------------------------------------ state
-
-def _abstract_state(model, config, mesh):
-  init_key, _ = _keys(config)
-  abstract = jax.eval_shape(lambda k: step_lib.init_state(model, config, k), init_key)
-  shardings = parallel.state_shardings(abstract, mesh, int(config.mesh.fsdp_min_size))
-  return abstract, shardings
-
-
-def _ema_by_std(state, config) -> dict:
-  return dict(zip(tuple(config.train.ema_stds), state.ema))
-
-
-def _every(images: int, batch: int) -> int:
-  return max(1, int(images) // batch)
 
 
 def _process_count() -> int:  # one place (tests stand in another count for the resume check)
@@ -192,20 +50,20 @@ def _setup(config, workdir: str, out_dir: str, mesh, source, ckpt):
   parallel.micro_batch_size(batch_size, int(config.train.grad_accum), mesh)
   model = presets.build_model(config)
   os.makedirs(out_dir, exist_ok=True)
-  kanon_table = _kanon_table(config, workdir, out_dir)
+  kanon_table = train_setup.kanon_table(config, workdir, out_dir)
   worker_count = int(config.data.worker_count)
   rows = pipeline.process_rows(parallel.batch_sharding(mesh), batch_size)
   layout = pipeline.stream_layout(num_records=len(source), global_batch_size=batch_size,
                                   seed=int(config.seed), shuffle=True, rows_by_process=rows,
                                   worker_count=worker_count)
   start_batch, same_layout = pipeline.resume_plan(saved_stream, layout, start or 0)
-  stream = BatchStream(iter(pipeline.make_loader(
+  stream = train_setup.BatchStream(iter(pipeline.make_loader(
       source, global_batch_size=batch_size, seed=int(config.seed), shuffle=True, num_epochs=None,
       worker_count=worker_count, rows=rows[jax.process_index()], start_batch=start_batch)))
 
-  abstract, shardings = _abstract_state(model, config, mesh)
+  abstract, shardings = train_setup.abstract_state(model, config, mesh)
   if start is None:
-    init_key, _ = _keys(config)
+    init_key, _ = train_setup.keys(config)
     with jax.set_mesh(mesh):
       state = jax.jit(lambda k: step_lib.init_state(model, config, k), out_shardings=shardings)(init_key)
     start = 0
@@ -230,18 +88,18 @@ def _setup(config, workdir: str, out_dir: str, mesh, source, ckpt):
 def run(config, workdir: str, *, stop_after_steps: int | None = None, **options) -> dict:
   """Trains until config.train.total_images; `stop_after_steps` ends this call early (after that
   many steps, without a final checkpoint: what a kill or a job time limit does)."""
-  out_dir = stage_dir(workdir)
-  done = os.path.join(out_dir, "COMPLETE")
-  if os.path.exists(done):
-    return io_utils.read_json(done)
-  check_config(config)
+  finished = stages.done(workdir, "train")  # COMPLETE holds the summary
+  if finished is not None:
+    return finished
+  out_dir = stages.output_dir(workdir, "train")
+  train_setup.check_config(config)
   from pso_jax.data.dataset import load_split
 
   batch_size = int(config.train.batch_size)
   mesh = parallel.make_mesh(config.mesh)
   batch_sharding = parallel.batch_sharding(mesh)  # the loaders' rows are this sharding's
-  source = RelocatableSource(load_split(workdir, "train"))
-  ckpt = ckpt_lib.Checkpointer(os.path.join(out_dir, "checkpoints"),
+  source = train_setup.RelocatableSource(load_split(workdir, "train"))
+  ckpt = ckpt_lib.Checkpointer(denoiser.checkpoint_dir(workdir),
                                keep=int(config.train.keep_checkpoints),
                                async_save=bool(config.train.async_checkpoint))
   # closed in reverse order on any exit, a failed setup or compile included
@@ -249,18 +107,19 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
     cleanup.callback(ckpt.close)
     state, stream, kanon_table, start, stream_meta, shardings, model = _setup(
         config, workdir, out_dir, mesh, source, ckpt)
-    _, train_key = _keys(config)
+    _, train_key = train_setup.keys(config)
 
     total_steps = math.ceil(int(config.train.total_images) / batch_size)
-    ckpt_every = _every(config.train.checkpoint_images, batch_size)
-    snap_every = _every(config.train.snapshot_images, batch_size)
+    ckpt_every = train_setup.every(config.train.checkpoint_images, batch_size)
+    snap_every = train_setup.every(config.train.snapshot_images, batch_size)
     log_every = max(1, int(config.train.log_every_steps))
-    snap_dir = os.path.join(out_dir, "ema_snapshots")
+    snap_dir = denoiser.snapshot_dir(workdir)
     writer = metrics_lib.MetricsWriter(out_dir, resume_step=start)
     cleanup.callback(writer.close)
 
     def next_batch():  # this process's rows of the next global batch, as global arrays
-      return parallel.local_rows_to_global(model_batch(stream.take(), config, kanon_table), batch_sharding)
+      return parallel.local_rows_to_global(
+          train_setup.model_batch(stream.take(), config, kanon_table), batch_sharding)
 
     values, batch = None, next_batch()
     with jax.set_mesh(mesh):
@@ -302,7 +161,7 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
         bar.set_postfix(loss=f"{values['loss']:.4g}", img_s=f"{rates['images_per_s']:.3g}")
         window_start, window_steps = time.perf_counter(), 0
       if nan_streak == 0 and (step % snap_every == 0 or step == total_steps):
-        ckpt_lib.save_ema_snapshots(snap_dir, _ema_by_std(state, config), step * batch_size)
+        ckpt_lib.save_ema_snapshots(snap_dir, train_setup.ema_by_std(state, config), step * batch_size)
       if nan_streak == 0 and (step % ckpt_every == 0 or step == total_steps):
         ckpt.save(step, state, stream, dict(step=step, nimg=step * batch_size,
                                             config=config.to_dict(), data=stream_meta))
@@ -316,50 +175,5 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
                  gflop_per_step=step_flops / 1e9, ema_stds=list(config.train.ema_stds))
   if step >= total_steps:
     multihost_utils.sync_global_devices("pso_jax_train_complete")
-    if jax.process_index() == 0:
-      io_utils.write_json(done, summary)
+    stages.finish(workdir, "train", summary)
   return summary
-
-
-# ------------------------------------------------------------------ for sampling
-
-def load_denoiser(config, workdir: str, *, ema_std: float | None = None, step: int | None = None):
-  """(model, variables) of a trained run for `model.apply(variables, x, sigma, cond, train=False)`.
-
-  ema_std None uses config.sample.ema_std; 0 gives the raw training weights; a tracked width its
-  EMA; any other width is reconstructed post hoc from the EMA snapshots saved up to that step.
-  step None takes the newest checkpoint.
-  """
-  ema_std = float(config.sample.ema_std if ema_std is None else ema_std)
-  directory = os.path.join(stage_dir(workdir), "checkpoints")
-  ckpt = ckpt_lib.Checkpointer(directory, keep=int(config.train.keep_checkpoints), async_save=False)
-  steps = ckpt.all_steps()
-  require(steps, f"no diffusion checkpoint in {directory}; run --mode=train with --workdir={workdir} first")
-  step = max(steps) if step is None else int(step)
-  require(step in steps, f"no diffusion checkpoint of step {step} in {directory}; saved steps: {steps}")
-  model = presets.build_model(config)
-  mesh = parallel.make_mesh(config.mesh)
-  abstract, shardings = _abstract_state(model, config, mesh)
-  state, _ = ckpt.restore(step, parallel.with_shardings(abstract, shardings))
-  ckpt.close()
-  tracked = [i for i, s in enumerate(config.train.ema_stds) if math.isclose(s, ema_std, rel_tol=1e-6)]
-  if ema_std == 0:
-    params = state.params
-  elif tracked:
-    params = state.ema[tracked[0]]
-  else:
-    params = _posthoc_params(config, workdir, state.params, ema_std, step)
-  return model, {"params": params, **state.constants}
-
-
-def _posthoc_params(config, workdir, like, ema_std: float, step: int):
-  nimg = step * int(config.train.batch_size)
-  found = [s for s in ckpt_lib.list_ema_snapshots(os.path.join(stage_dir(workdir), "ema_snapshots"))
-           if s[0] <= nimg]
-  require(found, f"EMA width {ema_std} is not tracked (config.train.ema_stds="
-          f"{tuple(config.train.ema_stds)}) and no EMA snapshots up to step {step} exist to "
-          "reconstruct it; sample with a tracked width or 0 (raw weights)")
-  host_like = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), like)
-  snapshots = [(n, s, ckpt_lib.load_ema_snapshot(p, host_like)) for n, s, p in found]
-  params = ema_lib.reconstruct_posthoc(snapshots, ema_std, target_nimg=nimg)
-  return jax.tree.map(lambda p, a: jax.device_put(p, a.sharding), params, like)

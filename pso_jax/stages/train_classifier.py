@@ -7,44 +7,14 @@ multi-label test split with bootstrap CIs. Writes `classifier/checkpoint_{best,f
 stage reuses it as the real-data baseline.
 """
 
-import os
-
-import jax
-
-from pso_jax import io_utils
-from pso_jax.evaluate import classifier as classifier_lib, utility
-
-
-def load_labelled_splits(workdir: str) -> dict:
-  from pso_jax.data import dataset
-  return {name: dataset.load_arrays(workdir, name, ("image", "labels"))
-          for name in ("train", "val", "test")}
-
-
-def train_and_test(config, splits: dict, out_dir: str, *, steps: int = None, key=None) -> dict:
-  """Trains on splits["train"], validates on splits["val"], tests on splits["test"]."""
-  findings = tuple(config.data.findings)
-  key = jax.random.key(config.seed) if key is None else key
-  train, val, test = splits["train"], splits["val"], splits["test"]
-  info = classifier_lib.train_classifier(config, train["image"], train["labels"], val["image"],
-                                         val["labels"], jax.random.fold_in(key, 0xc1a5), out_dir,
-                                         steps=steps)
-  model = classifier_lib.load_classifier(os.path.dirname(out_dir), os.path.basename(out_dir))
-  result = classifier_lib.auroc_on_test(model, test["image"], test["labels"], findings,
-                                        resamples=int(config.evaluate.bootstrap),
-                                        seed=int(config.seed))
-  return {**result, "training": info}
+from pso_jax import stages
+from pso_jax.evaluate import classifier_training
 
 
 def run(config, workdir: str, **_) -> dict:
-  out_dir = os.path.join(workdir, classifier_lib.SUBDIR)
-  finished = io_utils.finished_result(out_dir, classifier_lib.RESULT_FILE)
+  finished = stages.done(workdir, "train_classifier")
   if finished is not None:
     return finished
-  return train_and_write(config, load_labelled_splits(workdir), out_dir)
-
-
-def train_and_write(config, splits: dict, out_dir: str, *, steps: int = None) -> dict:
-  result = utility.as_json(train_and_test(config, splits, out_dir, steps=steps))
-  io_utils.finish_stage(out_dir, classifier_lib.RESULT_FILE, result)
-  return result
+  splits = classifier_training.load_labelled_splits(workdir)
+  return classifier_training.train_and_write(config, splits,
+                                             stages.output_dir(workdir, "train_classifier"))

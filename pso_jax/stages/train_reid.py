@@ -2,168 +2,18 @@
 
 Trained with a supervised contrastive loss on batches of P patients x K scans from the TRAIN
 split; tau calibrated on every pair of VAL images (patients unseen in training); AUC, TPR and FPR
-at tau reported on VAL and on TEST pairs (held-out patients, untouched by the calibration).
-Writes `reid/checkpoint` (orbax), `reid/reid.json`, `reid/metrics.jsonl`, then `reid/COMPLETE`.
+at tau reported on VAL and on TEST pairs (held-out patients, untouched by the calibration)
+(`privacy.reid_training`). Writes `reid/checkpoint` (orbax), `reid/reid.json`,
+`reid/metrics.jsonl`, then `reid/COMPLETE`.
 """
 
-import os
-import time
-
-import jax
-import numpy as np
-
-from pso_jax import io_utils, parallel
-from pso_jax.privacy import reid
-from pso_jax.errors import UserError
-from pso_jax.evaluate import utility
-from pso_jax.models import cnn
-from pso_jax.training import augment, supervised
-
-
-def patient_groups(patient_ids) -> list:
-  """Indices of each patient's images, one array per patient."""
-  _, inverse = np.unique(np.asarray(patient_ids), return_inverse=True)
-  order = np.argsort(inverse, kind="stable")
-  bounds = np.flatnonzero(np.r_[True, inverse[order][1:] != inverse[order][:-1], True])
-  return [order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-
-def make_sampler(images, patient_ids, batch_size: int, scans_per_patient: int, seed: int):
-  """step -> batch of P = batch_size / K patients x K scans (drawn with replacement only when a
-  patient has fewer than K scans; the augmentation still makes the copies differ)."""
-  k = scans_per_patient
-  if k < 2 or batch_size % k:
-    raise UserError(f"config.reid.batch_size ({batch_size}) must be a multiple of "
-                    f"config.reid.scans_per_patient ({k}), which must be at least 2")
-  groups = patient_groups(patient_ids)
-  n_patients = batch_size // k
-
-  def sampler(step: int) -> dict:
-    rng = np.random.default_rng([seed, step])
-    chosen = rng.choice(len(groups), n_patients, replace=len(groups) < n_patients)
-    idx = np.concatenate([rng.choice(groups[g], k, replace=len(groups[g]) < k) for g in chosen])
-    return {"image": images[idx], "label": np.repeat(chosen, k).astype(np.int32)}
-
-  return sampler
-
-
-def make_inputs_fn(section, spec: cnn.CnnSpec):
-  """Training augmentation: a whole-pixel shift at the data's resolution, mild random resized crop
-  and exposure jitter, no flip (left-right anatomy is part of what identifies a patient)."""
-  def inputs_fn(images, key):
-    k_shift, k_crop, k_int = jax.random.split(key, 3)
-    x = cnn.to_unit_float(images)
-    # before the resize: a copy shifted by 1 px at 32 px is a half-pixel shift at the net's 16 px
-    x = augment.random_translate(x, k_shift, int(section.shift), str(section.shift_mode))
-    x = augment.random_resized_crop(x, k_crop, spec.image_size, (section.crop_min_scale, 1.0),
-                                    (0.9, 1 / 0.9))
-    x = augment.random_intensity(x, k_int, section.intensity)
-    return cnn.normalise(x, spec)
-  return inputs_fn
-
-
-def verification_metrics(model: reid.ReidModel, images, patient_ids, *, max_pairs: int,
-                         resamples: int, seed: int, tau=None, mode: str = "fpr",
-                         target_fpr: float = 1e-3) -> dict:
-  """Pair AUC with bootstrap CI, and TPR/FPR at tau (calibrated here when tau is None)."""
-  i, j, same = reid.make_pairs(patient_ids, max_pairs, seed)
-  sims = reid.pair_similarities(model.embed(images), i, j)
-  if tau is None:
-    tau = reid.calibrate_tau(sims, same, mode, target_fpr)
-  return {"tau": tau, **utility.auc_with_ci(sims, same, resamples, seed),
-          **reid.rates_at(sims, same, tau), "n_same": int(same.sum()),
-          "n_different": int((~same).sum()), "n_images": int(len(images)),
-          "n_patients": int(len(set(patient_ids)))}
-
-
-def check_splits(splits: dict, section) -> None:
-  """Patient-disjoint train/val/test, each able to form same- and different-patient pairs."""
-  for name in ("train", "val", "test"):
-    if name not in splits:
-      raise UserError(f"re-id training needs the {name} split")
-  seen = {}
-  for name in ("train", "val", "test"):
-    for other, patients in seen.items():
-      shared = set(patients) & set(np.asarray(splits[name]["patient_id"]).tolist())
-      if shared:
-        raise UserError(f"splits {other} and {name} share {len(shared)} patients (e.g. "
-                        f"{sorted(shared)[0]!r}); re-id calibration needs patient-disjoint splits: "
-                        "rerun --mode=prepare")
-    seen[name] = np.asarray(splits[name]["patient_id"]).tolist()
-    counts = np.unique(seen[name], return_counts=True)[1]
-    if len(counts) < 2 or counts.max() < 2:
-      raise UserError(f"the {name} split has {len(counts)} patients with at most "
-                      f"{counts.max() if len(counts) else 0} images each: re-id needs at least two "
-                      "patients and one patient with two or more scans per split (use more patients "
-                      "or scans per patient)")
-  if (int(section.shift) < 0 or int(section.embed_shifts) < 0
-      or section.shift_mode not in augment.TRANSLATE_MODES):
-    raise UserError(f"config.reid.shift and embed_shifts must be >= 0 (0: off) and "
-                    f"config.reid.shift_mode one of {augment.TRANSLATE_MODES}, got "
-                    f"{section.shift}, {section.embed_shifts} and {section.shift_mode!r}")
-  if section.tau_mode not in reid.TAU_MODES:
-    raise UserError(f"config.reid.tau_mode must be one of {reid.TAU_MODES}, "
-                    f"got {section.tau_mode!r}")
-
-
-def train_reid(config, splits: dict, out_dir: str, key=None) -> dict:
-  """Trains, checkpoints and calibrates the embedder; `splits[name]` = {"image", "patient_id"}
-  for train, val and test. Returns the result written to reid.json."""
-  section = config.reid
-  check_splits(splits, section)
-  train = splits["train"]
-  images = np.asarray(train["image"])
-  spec = cnn.spec_from_config(section, head="embed", out_dim=section.embed_dim,
-                              channels=images.shape[-1])
-  key = jax.random.key(config.seed) if key is None else key
-  k_init, k_train = jax.random.split(jax.random.fold_in(key, 0x5e1d))
-  sampler = make_sampler(images, train["patient_id"], section.batch_size,
-                         section.scans_per_patient, config.seed)
-  steps = int(section.steps)
-  fitted = supervised.fit(
-      model=cnn.build_cnn(spec), variables=cnn.init_cnn(spec, k_init, section.weights),
-      optimizer=supervised.make_supervised_optimizer(section.lr, section.weight_decay, steps, "cosine"),
-      inputs_fn=make_inputs_fn(section, spec),
-      loss_fn=lambda z, batch: reid.supcon_loss(z, batch["label"], section.temperature),
-      sampler=sampler, steps=steps, key=k_train, mesh=parallel.make_mesh(config.mesh),
-      desc="train_reid", log_every=max(1, min(50, steps // 10)))
-  supervised.save_variables(reid.checkpoint_dir(out_dir), fitted.variables)
-  supervised.write_history(os.path.join(out_dir, "metrics.jsonl"), fitted.history)
-
-  model = reid.ReidModel(spec=spec, variables=fitted.variables, tau=float("nan"),
-                         embed_shifts=int(section.embed_shifts))
-  common = dict(max_pairs=int(section.max_pairs), resamples=int(section.bootstrap),
-                seed=int(config.seed))
-  start = time.time()
-  val = verification_metrics(model, splits["val"]["image"], splits["val"]["patient_id"],
-                             mode=section.tau_mode, target_fpr=section.target_fpr, **common)
-  test = verification_metrics(model, splits["test"]["image"], splits["test"]["patient_id"],
-                              tau=val["tau"], **common)
-  return {
-      "tau": val["tau"], "tau_mode": section.tau_mode, "target_fpr": float(section.target_fpr),
-      "tau_provenance": f"calibrated on {val['n_different']} different-patient and "
-                        f"{val['n_same']} same-patient VAL pairs ({section.tau_mode})",
-      "auc": test["auc"], "auc_ci": test["auc_ci"], "tpr": test["tpr"], "fpr": test["fpr"],
-      "val": val, "test": test, "model": spec.to_dict(),
-      "embed_shifts": int(section.embed_shifts), "steps": steps,
-      "final_loss": fitted.history[-1]["loss"], "train_seconds": fitted.seconds,
-      "eval_seconds": time.time() - start, "checkpoint": reid.checkpoint_dir(out_dir)}
-
-
-def load_splits(workdir: str, keys=("image", "patient_id")) -> dict:
-  from pso_jax.data import dataset
-  return {name: dataset.load_arrays(workdir, name, keys) for name in ("train", "val", "test")}
+from pso_jax import stages
+from pso_jax.privacy import reid_training
 
 
 def run(config, workdir: str, **_) -> dict:
-  out_dir = os.path.join(workdir, reid.SUBDIR)
-  finished = io_utils.finished_result(out_dir, reid.RESULT_FILE)
+  finished = stages.done(workdir, "train_reid")
   if finished is not None:
     return finished
-  return train_and_write(config, load_splits(workdir), out_dir)
-
-
-def train_and_write(config, splits: dict, out_dir: str) -> dict:
-  result = utility.as_json(train_reid(config, splits, out_dir))
-  io_utils.finish_stage(out_dir, reid.RESULT_FILE, result)
-  return result
+  return reid_training.train_and_write(config, reid_training.load_splits(workdir),
+                                       stages.output_dir(workdir, "train_reid"))

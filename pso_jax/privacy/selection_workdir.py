@@ -1,0 +1,73 @@
+"""The selection's workdir side: its inputs built from a trained workdir (re-id embeddings, classifier
+outputs, the patient search), the guard that a resumed selection uses the same model, and the
+released set's list files.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from pso_jax import io_utils
+from pso_jax.diffusion import sampling
+from pso_jax.errors import UserError
+from pso_jax.privacy import selection
+
+
+def check_same_model(out_dir: str, fingerprint: dict, chunk_images: int) -> None:
+  path = os.path.join(out_dir, "run.json")
+  current = dict(fingerprint=fingerprint, chunk_images=chunk_images)
+  if os.path.exists(path):
+    stored = io_utils.read_json(path)
+    if stored != current:
+      raise UserError(
+          f"{out_dir!r} holds a selection made by another model or selection config "
+          f"({stored} here, now {current}); delete {out_dir} to select again with this model, or "
+          "use a new --workdir")
+  elif jax.process_index() == 0:
+    io_utils.write_json(path, current)
+
+
+def build_inputs(config, workdir: str, train: dict, generate) -> selection.SelectionInputs:
+  """Real images' embeddings and classifier outputs, patient ids, and the search over them."""
+  from pso_jax.search.pairwise import patient_search
+  from pso_jax.privacy.reid import load_reid
+  from pso_jax.evaluate.classifier import load_classifier
+  reid, classifier = load_reid(workdir), load_classifier(workdir)
+  tau = float(config.audit.tau) if config.audit.tau >= 0 else float(reid.tau)
+  images = np.asarray(train["image"])
+  real_embeddings = np.asarray(reid.embed(images), np.float32)
+  names, patients = np.unique(np.asarray(train["patient_id"]).astype(str), return_inverse=True)
+  patients = patients.astype(np.int32)
+  a = config.audit
+  k = max(1, min(int(a.top_k), len(images)))
+
+  def search(queries):
+    found = patient_search(queries, real_embeddings, patients, tau, k, query_block=int(a.query_block),
+                           ref_block=int(a.ref_block), dtype=a.dtype)
+    return found.n_patients_matched, found.best_patient, found.best_sim
+
+  return selection.SelectionInputs(
+      paths=[str(p) for p in train["path"]], labels=np.asarray(train["labels"], np.float32),
+      conditions=sampling.conditions_for(config, train), real_embeddings=real_embeddings,
+      real_probs=np.asarray(classifier.predict(images), np.float64), patients=patients,
+      patient_names=names, tau=tau, generate=generate, embed=reid.embed,
+      predict=classifier.predict, search=search)
+
+
+def write_lists(out_dir: str, inputs: selection.SelectionInputs, n_chunks: int) -> None:
+  """selection.jsonl (the chunks' records in order) and filelist.txt (what was released)."""
+  texts = []
+  for k in range(n_chunks):
+    with open(selection.chunk_records(out_dir, k), encoding="utf-8") as f:
+      texts.append(f.read())
+  io_utils.write_text(os.path.join(out_dir, "selection.jsonl"), "".join(texts))
+  records = [json.loads(line) for text in texts for line in text.splitlines()]
+  io_utils.write_text(os.path.join(out_dir, "filelist.txt"),
+                      "".join(selection.filelist_lines(records, inputs.labels)))
+
+
+def selection_evaluations(config, guided: bool) -> int:
+  from pso_jax.diffusion.sampler import evaluations_per_candidate
+  return evaluations_per_candidate(int(config.sample.steps), guided)
