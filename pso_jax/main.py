@@ -21,7 +21,8 @@ from pso_jax.errors import UserError
 
 config_flags.DEFINE_config_file("config", None, "configs/cxr.py[:demo|:tiny]", lock_config=True)
 flags.DEFINE_string("workdir", None, "folder for this run's files")
-flags.DEFINE_enum("mode", "pipeline", stages.MODES, "stage to run; pipeline = all in order")
+flags.DEFINE_enum("mode", "pipeline", stages.MODES, "stage to run; pipeline = all in order: "
+                  + "; ".join(f"{s.mode} ({s.what})" for s in stages.STAGES))
 flags.DEFINE_bool("allow_config_change", False, "continue a workdir with a different config")
 flags.DEFINE_string("compare", None, "--mode=report: another workdir to show side by side")
 FLAGS = flags.FLAGS
