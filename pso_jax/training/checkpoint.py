@@ -9,8 +9,8 @@ A checkpoint at step s holds the state after s updates; training resumes with up
 Every process calls save and restore (orbax coordinates them); process 0 writes the snapshots.
 Arrays are restored straight into the shardings of the target (any mesh, any process count);
 data_iter holds one grain state per process, which only the same process layout can use, so meta
-also records the sample stream's layout and start (training/loop.py: a resume on another layout
-starts the loaders at global batch s instead).
+also records the sample stream's layout and start (the train loop in stages/train.py: a resume on
+another layout starts the loaders at global batch s instead).
 """
 
 import errno
