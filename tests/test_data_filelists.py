@@ -88,7 +88,7 @@ def _write(tmp_path, text, name="list.txt"):
     ("images/00000001_001.png 1 0 -1 0 0 0 0 0", "list.txt:2: label '-1' is not 0 or 1"),
     ("images/00000001_001.png 1 0 x 0 0 0 0 0", "list.txt:2: label 'x' is not 0 or 1"),
     ("images/00000001_000.png 1 0 0 0 0 0 0 0", "list.txt:2: duplicate path 'images/00000001_000.png'"),
-    ("other/a.png 1 0 0 0 0 0 0 0", "cannot tell the patient id from paths like"),
+    ("other/a.png 1 0 0 0 0 0 0 0", "list.txt:2: cannot tell the patient id from path 'other/a.png'"),
 ])
 def test_malformed_filelist_lines(tmp_path, line, message):
   path = _write(tmp_path, f"images/00000001_000.png 1 0 0 0 0 0 0 0\n{line}\n")

@@ -6,12 +6,19 @@ styles, auto-detected) or from the `patient_id` column of a generic CSV. Splits 
 reference recipe (docs/method.md §1.3): unique patients are shuffled and cut 80/20 (seed 42), the
 20% cut 50/50 into val/test; rows without any positive label are dropped; train and val keep only
 single-label rows, test keeps multi-label rows too.
+
+Paths are checked as they are read: relative and without `..` (nothing outside
+config.data.image_root is read, and no later stage can be led outside its folder), without
+whitespace (the filelists prepare writes must read back), and normalised (`./images/a.png` and
+`images//a.png` are `images/a.png`), so one image is one record.
 """
 
 import csv
 import dataclasses
+import io
 import math
 import os
+import posixpath
 import re
 
 import numpy as np
@@ -41,13 +48,19 @@ class Table:
   labels: np.ndarray       # float32 [N, 8]
   patient_ids: np.ndarray  # str [N]
   source: str = ""         # file the rows came from (for messages)
+  lines: np.ndarray | None = None  # int [N]: each row's line in `source` (None: not from a file)
 
   def __len__(self):
     return len(self.paths)
 
   def take(self, rows) -> "Table":
     rows = np.asarray(rows, dtype=np.int64)
-    return Table(self.paths[rows], self.labels[rows], self.patient_ids[rows], self.source)
+    lines = None if self.lines is None else self.lines[rows]
+    return Table(self.paths[rows], self.labels[rows], self.patient_ids[rows], self.source, lines)
+
+  def where(self, row: int) -> str:
+    """`file:line` of a row, for messages."""
+    return self.source if self.lines is None else f"{self.source}:{self.lines[row]}"
 
 
 def _parse_labels(fields, where: str) -> list[float]:
@@ -62,13 +75,39 @@ def _parse_labels(fields, where: str) -> list[float]:
   return [float(x) for x in fields]
 
 
+def clean_path(raw: str, where: str) -> str:
+  """A path relative to the image root, normalised; a path that could leave the root, or that a
+  written filelist could not hold, is refused."""
+  fix = "paths must be relative to config.data.image_root, e.g. images/00000001_000.png; fix the line"
+  if raw.startswith("/") or os.path.isabs(raw):
+    raise UserError(f"{where}: path {raw!r} is absolute; {fix}")
+  if ".." in raw.split("/"):
+    raise UserError(f"{where}: path {raw!r} contains '..' and could leave the image root; {fix}")
+  if any(c.isspace() for c in raw):
+    raise UserError(f"{where}: path {raw!r} contains whitespace, which the filelists prepare "
+                    "writes (`<path> l0 ... l7`) cannot hold; rename the file (or link it under a "
+                    "name without whitespace) and fix the line")
+  return posixpath.normpath(raw)
+
+
 def _check_duplicates(paths: list[str], where_of) -> None:
   seen = {}
   for i, p in enumerate(paths):
     if p in seen:
-      raise UserError(f"{where_of(i)}: duplicate path {p!r} (first at {where_of(seen[p])}); each "
-                      "image may appear once; remove the repeated line")
+      raise UserError(f"{where_of(i)}: duplicate path {p!r} (first at {where_of(seen[p])}; paths "
+                      "are compared normalised: ./a/b.png and a//b.png are a/b.png); each image "
+                      "may appear once: remove the repeated line")
     seen[p] = i
+
+
+def _read_text(path: str, what: str) -> str:
+  """The file's text; a UTF-8 byte order mark (as spreadsheet programs write) is dropped."""
+  try:
+    with open(path, "r", encoding="utf-8-sig", newline="") as f:
+      return f.read()
+  except UnicodeDecodeError as e:
+    raise UserError(f"{what} {path!r} is not UTF-8 text ({e.reason} at byte {e.start}); save it "
+                    "as UTF-8") from None
 
 
 def patient_id(path: str, style: str) -> str | None:
@@ -76,21 +115,26 @@ def patient_id(path: str, style: str) -> str | None:
   return m.group(1) if m else None
 
 
-def detect_path_style(paths, source: str = "") -> str:
-  """The first path style that every path matches."""
-  for style in PATH_STYLES:
-    if all(patient_id(p, style) is not None for p in paths):
+def detect_path_style(paths, source: str = "", lines=None) -> str:
+  """The first path style that every path matches; otherwise the error names the first path
+  that the style matching most paths does not match (`lines`: each path's line in `source`)."""
+  paths = [str(p) for p in paths]
+  misses = {style: [i for i, p in enumerate(paths) if patient_id(p, style) is None]
+            for style in PATH_STYLES}
+  for style, missed in misses.items():
+    if not missed:
       return style
-  first = str(paths[0]) if len(paths) else ""
+  i = min(misses.values(), key=len)[0]
+  where = f"{source or 'filelist'}:{i + 1 if lines is None else lines[i]}"
   examples = "; ".join(f"{k}: {v}" for k, v in _EXAMPLES.items())
-  raise UserError(f"{source or 'filelist'}: cannot tell the patient id from paths like {first!r} "
-                  f"(known styles: {examples}); set --config.data.path_style or use a CSV with a "
+  raise UserError(f"{where}: cannot tell the patient id from path {paths[i]!r} (known styles: "
+                  f"{examples}); fix the line, set --config.data.path_style or use a CSV with a "
                   "patient_id column (--config.data.source=csv)")
 
 
-def patient_ids_for(paths, style: str = "auto", source: str = "") -> np.ndarray:
+def patient_ids_for(paths, style: str = "auto", source: str = "", lines=None) -> np.ndarray:
   if style == "auto":
-    style = detect_path_style(paths, source)
+    style = detect_path_style(paths, source, lines)
   if style not in PATH_STYLES:
     raise UserError(f"config.data.path_style={style!r} is unknown; use auto, "
                     f"{', '.join(PATH_STYLES)} (or source=csv for explicit patient ids)")
@@ -98,8 +142,9 @@ def patient_ids_for(paths, style: str = "auto", source: str = "") -> np.ndarray:
   for i, p in enumerate(map(str, paths)):
     pid = patient_id(p, style)
     if pid is None:
-      raise UserError(f"{source}:{i + 1}: path {p!r} does not follow the {style} style "
-                      f"(e.g. {_EXAMPLES[style]}); fix the line or set config.data.path_style")
+      raise UserError(f"{source}:{i + 1 if lines is None else lines[i]}: path {p!r} does not "
+                      f"follow the {style} style (e.g. {_EXAMPLES[style]}); fix the line or set "
+                      "config.data.path_style")
     ids.append(pid)
   return np.array(ids, dtype=str)
 
@@ -110,19 +155,18 @@ def read_filelist(path: str, style: str = "auto") -> Table:
     raise UserError(f"filelist {path!r} does not exist; set --config.data.filelist to a file of "
                     "`<relative path> l0 ... l7` lines")
   paths, labels, lines = [], [], []
-  with open(path, "r", encoding="utf-8") as f:
-    for n, line in enumerate(f, start=1):
-      fields = line.split()
-      if not fields:
-        continue
-      labels.append(_parse_labels(fields[1:], f"{path}:{n}"))
-      paths.append(fields[0])
-      lines.append(n)
+  for n, line in enumerate(_read_text(path, "filelist").splitlines(), start=1):
+    fields = line.split()
+    if not fields:
+      continue
+    labels.append(_parse_labels(fields[1:], f"{path}:{n}"))
+    paths.append(clean_path(fields[0], f"{path}:{n}"))
+    lines.append(n)
   if not paths:
     raise UserError(f"filelist {path!r} has no lines; expected `<relative path> l0 ... l7` per line")
   _check_duplicates(paths, lambda i: f"{path}:{lines[i]}")
-  ids = patient_ids_for(paths, style, path)
-  return Table(np.array(paths, dtype=str), np.array(labels, np.float32), ids, path)
+  ids = patient_ids_for(paths, style, path, lines)
+  return Table(np.array(paths, dtype=str), np.array(labels, np.float32), ids, path, np.array(lines))
 
 
 def read_csv(path: str) -> Table:
@@ -130,8 +174,7 @@ def read_csv(path: str) -> Table:
   if not os.path.isfile(path):
     raise UserError(f"CSV {path!r} does not exist; set --config.data.csv to a file with columns "
                     "path,patient_id,<8 labels>")
-  with open(path, "r", encoding="utf-8", newline="") as f:
-    rows = list(csv.reader(f))
+  rows = list(csv.reader(io.StringIO(_read_text(path, "CSV"))))
   if not rows:
     raise UserError(f"CSV {path!r} is empty; expected a header path,patient_id,<8 labels> and rows")
   header = [h.strip().lower() for h in rows[0]]
@@ -145,13 +188,14 @@ def read_csv(path: str) -> Table:
     if len(row) < 2 or not row[0].strip() or not row[1].strip():
       raise UserError(f"{path}:{n}: a row needs a path and a patient_id, found {row}")
     labels.append(_parse_labels([c.strip() for c in row[2:]], f"{path}:{n}"))
-    paths.append(row[0].strip())
+    paths.append(clean_path(row[0].strip(), f"{path}:{n}"))
     ids.append(row[1].strip())
     lines.append(n)
   if not paths:
     raise UserError(f"CSV {path!r} has a header but no rows")
   _check_duplicates(paths, lambda i: f"{path}:{lines[i]}")
-  return Table(np.array(paths, dtype=str), np.array(labels, np.float32), np.array(ids, dtype=str), path)
+  return Table(np.array(paths, dtype=str), np.array(labels, np.float32), np.array(ids, dtype=str),
+               path, np.array(lines))
 
 
 def write_filelist(path_or_file, table: Table) -> None:
