@@ -2,6 +2,7 @@
 
 import csv
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -145,28 +146,45 @@ def test_phantom_round_trip_and_skip_when_complete(tmp_path):
   assert os.path.getmtime(os.path.join(workdir, "data", "COMPLETE")) == mtime
 
 
+def break_png_pixels(path):
+  """Zeroes a PNG's compressed pixels and fixes the chunk's CRC: the file's structure is intact
+  (the header check passes), only decoding it fails."""
+  data = bytearray(path.read_bytes())
+  at = data.find(b"IDAT")
+  length = int.from_bytes(data[at - 4:at], "big")
+  end = at + 4 + length
+  data[at + 6:end] = bytes(length - 2)  # keep the 2-byte zlib header
+  data[end:end + 4] = zlib.crc32(bytes(data[at:end])).to_bytes(4, "big")
+  path.write_bytes(bytes(data))
+
+
 def test_interrupted_prepare_leaves_no_dataset_and_resumes(tmp_path, monkeypatch):
   root = tmp_path / "images"
   rows = _make_dataset(str(root), "cxr8", n_patients=16)
   filelist = tmp_path / "list.txt"
   _write_filelist(filelist, rows)
   config = _config(root, filelist=filelist)
+  config.data.prepare_chunk = 4
   plan = prepare_plan.make_plan(config)
-  last = rows[plan.rows["test"][-1]][0]  # decoded last: every earlier chunk is done by then
+  kept = [rows[i][0] for i in sorted(np.concatenate(list(plan.rows.values())))]
+  last = kept[-1]  # records are decoded in filelist order: every earlier chunk is done by then
   good = (root / last).read_bytes()
-  (root / last).write_bytes(good[: len(good) // 2])
+  break_png_pixels(root / last)
   workdir = tmp_path / "run"
-  with pytest.raises(UserError, match=f"image '.*{last}' cannot be decoded"):
+  line = [r[0] for r in rows].index(last) + 1
+  with pytest.raises(UserError, match=f"list.txt:{line}: image '.*{last}' cannot be decoded"):
     prepare.run(config, str(workdir))
   assert not (workdir / "data").exists()
   assert len(os.listdir(workdir / ".data.partial" / "chunks")) >= 2
 
   decoded = []
   real = images.load_images
-  monkeypatch.setattr(images, "load_images", lambda root_, paths, *a: decoded.extend(paths) or real(root_, paths, *a))
+  monkeypatch.setattr(images, "load_images",
+                      lambda root_, paths, *a: decoded.extend(paths) or real(root_, paths, *a))
   (root / last).write_bytes(good)
   prepare.run(config, str(workdir))
-  assert last in decoded and len(decoded) <= 8  # only the failed chunk was decoded again
+  # only the failed chunk (a run of records ending at the repaired one) was decoded again
+  assert 0 < len(decoded) <= 4 * 4 < len(kept) and decoded == kept[-len(decoded):]
   assert dataset.is_complete(str(workdir)) and not (workdir / ".data.partial").exists()
 
 
@@ -194,7 +212,8 @@ def test_bad_input_missing_file(tmp_path):
   def breaks(config, root, filelist, rows):
     os.remove(root / rows[5][0])
   msg = _bad_input(tmp_path, breaks)
-  assert "00000003_001.png' listed in" in msg and "does not exist" in msg
+  assert msg.startswith("1 image listed in ") and "list.txt:6 images/00000003_001.png;" in msg
+  assert "does not exist under config.data.image_root" in msg
 
 
 def test_bad_input_malformed_line(tmp_path):
@@ -324,12 +343,13 @@ def test_features_aligned_with_train_split_only(tmp_path):
 def test_image_decoding_16_bit_and_channels(tmp_path):
   ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
   Image.fromarray(ramp).save(tmp_path / "deep.png")
-  grey = images.load_image(str(tmp_path / "deep.png"), 64, 1)
-  assert grey.shape == (64, 64, 1)
+  grey, rule = images.load_image(str(tmp_path / "deep.png"), 64, 1)
+  assert grey.shape == (64, 64, 1) and rule == "16-bit"
   assert np.abs(grey[..., 0].astype(int) - np.rint(ramp / 257).astype(int)).max() <= 1  # not clipped
-  rgb = images.load_image(str(tmp_path / "deep.png"), 32, 3)
+  rgb, _ = images.load_image(str(tmp_path / "deep.png"), 32, 3)
   assert rgb.shape == (32, 32, 3) and np.array_equal(rgb[..., 0], rgb[..., 2])
   colour = np.zeros((8, 8, 3), np.uint8)
   colour[..., 0] = 200
   Image.fromarray(colour).save(tmp_path / "red.png")
-  assert images.load_image(str(tmp_path / "red.png"), 8, 1)[0, 0, 0] == round(200 * 0.299)
+  red, rule = images.load_image(str(tmp_path / "red.png"), 8, 1)
+  assert red[0, 0, 0] == round(200 * 0.299) and rule == "8-bit"

@@ -4,17 +4,20 @@ patient-disjoint ArrayRecord splits + features.
   workdir/data/pso_cxr/1.0.0/   TFDS ArrayRecord splits train/val/test (pso_jax.data.builder)
   workdir/data/{split}.txt      the split's filelist, reference format, in record order
   workdir/data/features_{split}.npy   unit-norm pseudo-conditioning features, record order
-  workdir/data/card.json, card.md     counts per split, per finding, patients
+  workdir/data/card.json, card.md     counts per split, per finding, patients; pixel scaling
   workdir/data/COMPLETE               written last
 
-Every check that can fail (config, filelist lines, missing files, features file) runs before any
-file is written. The expensive part (decoding, encoding) runs in chunks of
-config.data.prepare_chunk records cached under workdir/.data.partial/, so an interrupted prepare
-resumes where it stopped (cached chunks are keyed by config.data and the split filelists, not by
-file contents: delete workdir/.data.partial after replacing images); the dataset is assembled in a staging folder there and renamed to
-workdir/data in one step, so a later stage never sees half a dataset.
+Every check that can fail (config, filelist lines, missing or unreadable files, features file) runs
+before any file is written. The expensive part (decoding, encoding) runs in chunks cached under
+workdir/.data.partial/chunks/, each named by a hash of what made it (the config fields that shape a
+record, each record's path, file size, mtime and inode, and for latents its position) and cut where
+the records say, not at fixed positions: an interrupted prepare resumes where it stopped, and a
+rerun after lines were removed or files replaced decodes only the chunks they touched. The dataset
+is assembled in a staging folder there and renamed to workdir/data in one step, so a later stage
+never sees half a dataset.
 """
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -40,7 +43,9 @@ class Plan:
   table: filelists.Table              # every input row, in input order
   rows: dict[str, np.ndarray]         # split -> positions in `table`, in order
   dropped: dict[str, int]             # split -> rows dropped by the label rules
-  load_images: Callable[[np.ndarray], np.ndarray]  # positions -> uint8 [n, S, S, C]
+  # positions -> (uint8 [n, S, S, C], the images.SCALING rule of each)
+  load_images: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+  record_keys: np.ndarray | None = None  # str [N]: what each row's record is made from (cache key)
   file_features: dict[str, np.ndarray] | None = None
 
 
@@ -65,7 +70,8 @@ def make_plan(config) -> Plan:
   if d.source == "phantom":
     idx = phantom.index(d.phantom)
     table = filelists.Table(idx.paths, idx.labels, idx.patient_ids, "phantom")
-    load = lambda rows: phantom.render(d.phantom, idx, d.image_size, d.channels, rows)
+    load = lambda rows: (phantom.render(d.phantom, idx, d.image_size, d.channels, rows),
+                         np.full(len(rows), "8-bit"))
   else:
     if d.source == "csv":
       table = filelists.read_csv(d.csv)
@@ -74,8 +80,8 @@ def make_plan(config) -> Plan:
         raise UserError("config.data.source='filelist' needs --config.data.filelist=<file of "
                         "`<relative path> l0 ... l7` lines> and --config.data.image_root=<folder>")
       table = filelists.read_filelist(d.filelist, d.path_style)
-    images.check_files_exist(d.image_root, table.paths, table.source)
-    load = lambda rows: images.load_images(d.image_root, table.paths[rows], d.image_size, d.channels)
+    load = lambda rows: images.load_images(d.image_root, table.paths[rows], d.image_size,
+                                           d.channels, [table.where(i) for i in rows])
   rows, dropped = filelists.split_rows(table, d)
   if len(rows["train"]) == 0:
     raise UserError(f"{table.source}: no train rows are left after the split and the "
@@ -85,68 +91,129 @@ def make_plan(config) -> Plan:
     plan.file_features = features.load_file(config, table.paths, rows)
   if d.latent.kind != "identity":
     latents.model_shape(config)  # a missing VAE folder or a bad image size fails now
+  if d.source == "phantom":
+    plan.record_keys = table.paths  # the pixels follow from config.data.phantom, in every key
+  else:
+    images.check_images(d.image_root, table)  # reads every file: after the cheap checks
+    plan.record_keys = np.array([images.file_key(d.image_root, p) for p in table.paths], dtype=str)
   return plan
 
 
 # ---------------------------------------------------------------- chunked, resumable work
 
 
-def _fingerprint(config, plan: Plan) -> str:
-  what = {k: v for k, v in config.data.to_dict().items() if k != "worker_count"}
-  h = hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode())
-  for split in filelists.SPLITS:
-    h.update(split.encode())
-    h.update("\n".join(plan.table.paths[plan.rows[split]]).encode())
-  return h.hexdigest()
+# config.data fields that never change a cached record (its image, scaling rule and latent): they
+# choose, label or split rows, or shape the features (computed from the cached images)
+_NOT_IN_RECORDS = ("worker_count", "batch_size", "filelist", "csv", "path_style", "split_fractions",
+                   "split_seed", "single_label_train_val", "prepare_chunk", "findings", "features")
 
 
-def _chunks(n: int, size: int):
-  return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+  """Records cached in one file: table rows (ascending), the SPLITS number of each, each one's
+  position in train+val+test order (the latents' noise stream), and the file's content key."""
+  rows: np.ndarray
+  split: np.ndarray
+  index: np.ndarray
+  key: str
 
 
-def _chunk_path(partial: str, split: str, k: int) -> str:
-  return os.path.join(partial, "chunks", f"{split}-{k:05d}.npz")
+def _hash(text: str) -> str:
+  return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _compute_chunks(config, plan: Plan, partial: str) -> None:
-  """Decodes (or draws) images, latents and raw features chunk by chunk; skips finished chunks."""
-  chunk = int(config.data.prepare_chunk)
-  todo = [(s, k, part) for s in filelists.SPLITS
-          for k, part in enumerate(_chunks(len(plan.rows[s]), chunk))]
-  # position of each split's first record in train+val+test order: one noise stream per record
-  offset = dict(zip(filelists.SPLITS, np.cumsum([0] + [len(plan.rows[s]) for s in filelists.SPLITS])))
-  total = sum(len(part) for *_, part in todo)
-  with progress.bar(total=total, desc="prepare", unit="img") as pbar:
-    for split, k, part in todo:
-      path = _chunk_path(partial, split, k)
+def _chunk_ends(paths, size: int) -> list[int]:
+  """Content-defined cuts: a chunk ends after a record whose path hashes to 0 modulo `size` (or at
+  4 * size records), so a removed or added line moves no cut but its own chunk's."""
+  ends, start = [], 0
+  for i, path in enumerate(paths):
+    if int(_hash(str(path))[:8], 16) % size == 0 or i + 1 - start == 4 * size:
+      ends.append(start := i + 1)
+  return ends if start == len(paths) else ends + [len(paths)]
+
+
+def plan_chunks(config, plan: Plan) -> list[Chunk]:
+  """The records to prepare, in table order, cut into content-keyed chunks."""
+  rows = np.concatenate([plan.rows[s] for s in filelists.SPLITS])
+  split = np.repeat(np.arange(len(filelists.SPLITS)), [len(plan.rows[s]) for s in filelists.SPLITS])
+  order = np.argsort(rows, kind="stable")
+  rows, split, index = rows[order], split[order], order  # order[i]: position of row i's record
+  what = {k: v for k, v in config.data.to_dict().items() if k not in _NOT_IN_RECORDS}
+  shape = json.dumps([what, config.seed], sort_keys=True, default=list)
+  keys = plan.record_keys[rows]
+  with_index = config.data.latent.kind != "identity"  # the VAE's noise is drawn per position
+  chunks, start = [], 0
+  for end in _chunk_ends(plan.table.paths[rows], int(config.data.prepare_chunk)):
+    part = slice(start, end)
+    records = [f"{k} {i}" if with_index else k for k, i in zip(keys[part], index[part])]
+    chunks.append(Chunk(rows[part], split[part], index[part], _hash("\n".join([shape, *records]))))
+    start = end
+  return chunks
+
+
+def _chunk_path(partial: str, chunk: Chunk) -> str:
+  return os.path.join(partial, "chunks", f"{chunk.key[:40]}.npz")
+
+
+def _compute_chunks(config, plan: Plan, chunks: list[Chunk], partial: str) -> None:
+  """Decodes (or draws) images and encodes latents chunk by chunk; skips cached chunks."""
+  with progress.bar(total=sum(len(c.rows) for c in chunks), desc="prepare", unit="img") as pbar:
+    for chunk in chunks:
+      path = _chunk_path(partial, chunk)
       if not os.path.exists(path):
-        imgs = plan.load_images(plan.rows[split][part])
-        arrays = {"image": imgs}
-        raw = features.raw_features(config, imgs)
-        if raw is not None:
-          arrays["raw_feature"] = raw
+        imgs, scaling = plan.load_images(chunk.rows)
+        arrays = {"image": imgs, "scaling": scaling}
         if config.data.latent.kind != "identity":
-          arrays["latent"] = latents.to_model_space(imgs, config,
-                                                    start_index=int(offset[split] + part[0]))
+          arrays["latent"] = _latents(config, imgs, chunk)
         with io_utils.atomic_path(path) as tmp:
           with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-      pbar.update(len(part))
+      pbar.update(len(chunk.rows))
 
 
-def _split_chunks(config, plan: Plan, partial: str, split: str):
-  n = len(_chunks(len(plan.rows[split]), int(config.data.prepare_chunk)))
-  for k in range(n):
-    with np.load(_chunk_path(partial, split, k)) as z:
-      yield {key: z[key] for key in z.files}
+def _latents(config, imgs: np.ndarray, chunk: Chunk) -> np.ndarray:
+  """A chunk's records of one split hold consecutive positions (splits keep table order): one
+  encoder call per split."""
+  out = None
+  for k in np.unique(chunk.split):
+    mine = chunk.split == k
+    z = latents.to_model_space(imgs[mine], config, start_index=int(chunk.index[mine][0]))
+    out = np.empty((len(imgs), *z.shape[1:]), z.dtype) if out is None else out
+    out[mine] = z
+  return out
 
 
-def _features(config, plan: Plan, partial: str) -> dict[str, np.ndarray]:
+def _split_chunks(chunks: list[Chunk], partial: str, split: str, keys=None):
+  """The cached arrays (all, or `keys`) of one split's records, in record order, chunk by chunk."""
+  k = filelists.SPLITS.index(split)
+  for chunk in chunks:
+    mine = chunk.split == k
+    if mine.any():
+      with np.load(_chunk_path(partial, chunk)) as z:
+        yield {key: z[key][mine] for key in (keys or z.files)}
+
+
+def _batches(arrays, size: int):
+  """A stream of arrays re-cut into arrays of `size` rows (the last one shorter)."""
+  held = np.zeros((0,))
+  for a in arrays:
+    held = np.concatenate([held, a]) if len(held) else a
+    while len(held) >= size:
+      yield held[:size]
+      held = held[size:]
+  if len(held):
+    yield held
+
+
+def _features(config, plan: Plan, chunks: list[Chunk], partial: str) -> dict[str, np.ndarray]:
   if plan.file_features is not None:
     return plan.file_features
-  raw = {}
+  raw, size = {}, int(config.data.prepare_chunk)
   for split in filelists.SPLITS:
-    parts = [c["raw_feature"] for c in _split_chunks(config, plan, partial, split)]
+    # batches of prepare_chunk records in split order: a float32 matmul rounds differently for
+    # other batch shapes, and the features must not depend on how the cache was cut
+    images = (c["image"] for c in _split_chunks(chunks, partial, split, ["image"]))
+    parts = [features.raw_features(config, batch) for batch in _batches(images, size)]
     raw[split] = np.concatenate(parts) if parts else np.zeros((0, config.data.features.dim), np.float32)
   return features.finalise(config, raw)
 
@@ -158,11 +225,11 @@ def _record_spec(config, feats: dict[str, np.ndarray]) -> builder.RecordSpec:
                             feats["train"].shape[1], latent)
 
 
-def _examples(config, plan: Plan, partial: str, split: str, feats: np.ndarray):
+def _examples(plan: Plan, chunks: list[Chunk], partial: str, split: str, feats: np.ndarray):
   """Record dicts of one split, in filelist order, streamed chunk by chunk."""
   table = plan.table.take(plan.rows[split])
   i = 0
-  for chunk in _split_chunks(config, plan, partial, split):
+  for chunk in _split_chunks(chunks, partial, split):
     for j in range(len(chunk["image"])):
       record = {"image": chunk["image"][j], "labels": table.labels[i], "feature": feats[i],
                 "index": i, "patient_id": str(table.patient_ids[i]), "path": str(table.paths[i]),
@@ -176,7 +243,17 @@ def _examples(config, plan: Plan, partial: str, split: str, feats: np.ndarray):
 # ---------------------------------------------------------------- card
 
 
-def make_card(config, plan: Plan, feats: dict[str, np.ndarray], seconds: float) -> dict:
+def _pixel_scaling(chunks: list[Chunk], partial: str) -> dict[str, int]:
+  """Records per images.SCALING rule."""
+  counts = collections.Counter()
+  for chunk in chunks:
+    with np.load(_chunk_path(partial, chunk)) as z:
+      counts.update(z["scaling"].tolist())
+  return {rule: counts[rule] for rule in images.SCALING if counts[rule]}
+
+
+def make_card(config, plan: Plan, feats: dict[str, np.ndarray], pixel_scaling: dict[str, int],
+              seconds: float) -> dict:
   d = config.data
   splits = {}
   for split in filelists.SPLITS:
@@ -194,7 +271,7 @@ def make_card(config, plan: Plan, feats: dict[str, np.ndarray], seconds: float) 
       "latent": d.latent.kind, "features": {"kind": d.features.kind, "dim": int(d.features.dim)},
       "findings": list(d.findings), "split_seed": d.split_seed,
       "split_fractions": list(d.split_fractions), "splits": splits,
-      "prepare_seconds": round(seconds, 3),
+      "pixel_scaling": pixel_scaling, "prepare_seconds": round(seconds, 3),
   }
 
 
@@ -205,7 +282,8 @@ def card_markdown(card: dict) -> str:
            f"{'x'.join(map(str, card['image_shape']))}; latent {card['latent']}; features "
            f"{card['features']['kind']} ({card['features']['dim']}-d).",
            f"Patient-disjoint split {card['split_fractions']} (seed {card['split_seed']}); train "
-           "and val keep single-label rows, test keeps multi-label rows.", "",
+           "and val keep single-label rows, test keeps multi-label rows.",
+           _scaling_line(card["pixel_scaling"]), "",
            "| split | records | patients | multi-label | dropped | " + " | ".join(findings) + " |",
            "|---" * (5 + len(findings)) + "|"]
   for split, s in card["splits"].items():
@@ -214,7 +292,23 @@ def card_markdown(card: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _scaling_line(pixel_scaling: dict[str, int]) -> str:
+  rules = ", ".join(f"{rule} ({images.SCALING[rule]}): {n}" for rule, n in pixel_scaling.items())
+  mixed = ("; mixed rules: the images are not all stored alike, check that the rarer rule's "
+           "files are what you meant") if len(pixel_scaling) > 1 else ""
+  return f"Pixel values scaled to 0..255 per image: {rules}{mixed}."
+
+
 # ---------------------------------------------------------------- stage
+
+
+def _drop_stale_chunks(partial: str, chunks: list[Chunk]) -> None:
+  """Cached chunks this input no longer needs (and temporary files of an interrupted write)."""
+  folder = os.path.join(partial, "chunks")
+  keep = {os.path.basename(_chunk_path(partial, c)) for c in chunks}
+  for name in os.listdir(folder) if os.path.isdir(folder) else []:
+    if name not in keep:
+      os.remove(os.path.join(folder, name))
 
 
 def build(config, plan: Plan, workdir: str) -> dict:
@@ -222,26 +316,25 @@ def build(config, plan: Plan, workdir: str) -> dict:
   the card."""
   start = time.time()
   partial = os.path.join(workdir, ".data.partial")
-  fingerprint = _fingerprint(config, plan)
-  stamp = os.path.join(partial, "fingerprint.txt")
-  if os.path.isdir(partial) and (not os.path.exists(stamp) or open(stamp).read() != fingerprint):
-    shutil.rmtree(partial)  # cached chunks of another config or input
-  os.makedirs(partial, exist_ok=True)
-  io_utils.write_text(stamp, fingerprint)
-
-  _compute_chunks(config, plan, partial)
-  feats = _features(config, plan, partial)
+  chunks = plan_chunks(config, plan)
+  _drop_stale_chunks(partial, chunks)
+  _compute_chunks(config, plan, chunks, partial)
+  feats = _features(config, plan, chunks, partial)
   stage = os.path.join(partial, "stage")
   if os.path.exists(stage):
     shutil.rmtree(stage)  # an interrupted assembly: rebuilt from the cached chunks (fast)
   builder.write(stage, _record_spec(config, feats),
-                {s: (lambda s=s: _examples(config, plan, partial, s, feats[s]))
+                {s: (lambda s=s: _examples(plan, chunks, partial, s, feats[s]))
                  for s in filelists.SPLITS},
                 scratch_dir=os.path.join(partial, "tfds_scratch"))
   for split in filelists.SPLITS:
     io_utils.write_npy(os.path.join(stage, f"features_{split}.npy"), feats[split])
     filelists.write_filelist(os.path.join(stage, f"{split}.txt"), plan.table.take(plan.rows[split]))
-  card = make_card(config, plan, feats, time.time() - start)
+  pixel_scaling = _pixel_scaling(chunks, partial)
+  if len(pixel_scaling) > 1:
+    logging.warning("%s: images scaled by different rules: %s (see data/card.md)",
+                    plan.table.source, pixel_scaling)
+  card = make_card(config, plan, feats, pixel_scaling, time.time() - start)
   io_utils.write_json(os.path.join(stage, CARD_FILE), card)
   io_utils.write_text(os.path.join(stage, "card.md"), card_markdown(card))
   io_utils.write_text(os.path.join(stage, COMPLETE), "ok\n")  # last, as every stage's marker

@@ -3,11 +3,12 @@
   workdir/data/pso_cxr/1.0.0/   TFDS ArrayRecord splits train/val/test (pso_jax.data.builder)
   workdir/data/{split}.txt      the split's filelist, reference format, in record order
   workdir/data/features_{split}.npy   unit-norm pseudo-conditioning features, record order
-  workdir/data/card.json, card.md     counts per split, per finding, patients
+  workdir/data/card.json, card.md     counts per split, per finding, patients; pixel scaling
   workdir/data/COMPLETE               written last
 
-The plan (every check that can fail runs before any file is written) and the chunked, resumable
-build that renames a finished dataset into workdir/data in one step are `data.prepare_plan`'s.
+The plan (every check that can fail, a header check of every image included, runs before any file
+is written) and the chunked build, resumable from content-keyed chunks, that renames a finished
+dataset into workdir/data in one step are `data.prepare_plan`'s.
 """
 
 from pso_jax import stages
