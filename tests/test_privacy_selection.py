@@ -3,6 +3,7 @@ lowered guidance, the synthetic-set files, resumption after a kill, and 1 vs 8 d
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -182,24 +183,34 @@ def test_selection_rejects_every_linked_candidate_and_keeps_the_best_survivor():
 
 # ------------------------------------------------------------------ files, resumption, devices
 
-def run_selection(out_dir, inputs, rule, chunk_images, stop_after=None):
+def run_selection(workdir, inputs, rule, chunk_images, stop_after=None, key_from=None):
+  """What the select stage does with `inputs`: internal records in <workdir>/synthetic, the set in
+  <workdir>/release. key_from: a workdir whose secret key to reuse (the same names)."""
+  out_dir = os.path.join(workdir, synthetic_set.SUBDIR)
+  if key_from is not None and not os.path.exists(os.path.join(out_dir, synthetic_set.KEY_FILE)):
+    os.makedirs(out_dir)
+    shutil.copy(os.path.join(key_from, synthetic_set.SUBDIR, synthetic_set.KEY_FILE), out_dir)
+  writer = synthetic_set.ReleaseWriter(workdir)
   stats = sel.run_chunks(inputs, rule, out_dir, chunk_images, stop_after=stop_after,
-                         save_png=synthetic_set.write_png)
+                         save=writer.save)
   n_chunks = -(-len(inputs.paths) // chunk_images)
   if len(stats) == n_chunks:
-    selection_workdir.write_lists(out_dir, inputs, len(stats))  # what the select stage writes
+    selection_workdir.write_lists(out_dir, inputs, len(stats), writer)
     summary = sel.summarise(stats, rule, inputs) | dict(image_shape=[H, W, C])
     io_utils.finish_stage(out_dir, "summary.json", summary)
   return stats
 
 
-def tree_files(root):
+def tree_files(workdir):
+  """{path relative to the workdir: bytes} of the internal folder and the release."""
   out = {}
-  for base, _, files in os.walk(root):
+  walk = [w for folder in (synthetic_set.SUBDIR, synthetic_set.RELEASE_DIR)
+          for w in os.walk(os.path.join(workdir, folder))]
+  for base, _, files in walk:
     for name in files:
       path = os.path.join(base, name)
-      rel = os.path.relpath(path, root)
-      if rel.startswith("chunks"):  # markers hold timings
+      rel = os.path.relpath(path, workdir)
+      if rel.startswith(os.path.join(synthetic_set.SUBDIR, "chunks")):  # markers hold timings
         continue
       with open(path, "rb") as f:
         data = f.read()
@@ -214,51 +225,57 @@ def tree_files(root):
 def test_outputs_resume_after_a_kill_identically(tmp_path):
   train = toy_train()
   inputs = make_inputs(train, copying_generator(train, lambda g: 0.9 if g > 1.05 else 0.3))
-  full = run_selection(str(tmp_path / "full"), inputs, RULE, chunk_images=5)
-  # killed after 2 chunks, with a half-written third chunk's images on disk
+  full = str(tmp_path / "full")
+  stats = run_selection(full, inputs, RULE, chunk_images=5)
+  # killed after 2 chunks, with a half-written third chunk's image and an atomic write's leftover
   killed = str(tmp_path / "killed")
-  stats = run_selection(killed, inputs, RULE, chunk_images=5, stop_after=2)
-  assert len(stats) == 2 and not os.path.exists(os.path.join(killed, "COMPLETE"))
-  synthetic_set.write_png(os.path.join(killed, "images", "images", "P004_000.png"),
+  partial = run_selection(killed, inputs, RULE, chunk_images=5, stop_after=2, key_from=full)
+  assert len(partial) == 2 and not os.path.exists(os.path.join(killed, "synthetic", "COMPLETE"))
+  writer = synthetic_set.ReleaseWriter(killed)
+  synthetic_set.write_png(os.path.join(killed, "release", writer.name(10, False)),
                           np.zeros((H, W, C), np.uint8))
+  open(os.path.join(killed, "release", "images", ".x.png.tmp"), "w").close()
   calls = []
   counting = dict(vars(inputs))
   counting["generate"] = lambda s, c, g: calls.append(len(s)) or inputs.generate(s, c, g)
   resumed = run_selection(killed, sel.SelectionInputs(**counting), RULE, chunk_images=5)
-  assert len(resumed) == len(full) == 4
-  a, b = tree_files(str(tmp_path / "full")), tree_files(killed)
+  assert len(resumed) == len(stats) == 4
+  a, b = tree_files(full), tree_files(killed)
   assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
-  records = [json.loads(l) for l in a["selection.jsonl"].decode().splitlines()]
+  records = [json.loads(l) for l in a["synthetic/selection.jsonl"].decode().splitlines()]
   # only the missing chunks (images 10..17) were generated again
   assert calls[0] == 5 * RULE.n_candidates
   assert sum(calls) == sum(r["index"] >= 10 for r in records)
-  # the reference filelist: primary then its _2nd, real labels
-  lines = a["filelist.txt"].decode().splitlines()
-  summary = json.loads(a["summary.json"])
-  assert len(lines) == summary["released"]
-  first = lines[0].split()
-  i = train["path"].index(first[0])
-  assert first[1:] == [str(int(v)) for v in train["labels"][i]]
-  if len(lines) > 1 and lines[1].split()[0].endswith("_2nd.png"):
-    assert lines[1].split()[0] == first[0][:-4] + "_2nd.png"
+  summary = json.loads(a["synthetic/summary.json"])
   assert summary["candidates"] == len(records)
   first_round_rej = [r["outcome"] == sel.REJECTED for r in records if r["round"] == 0]
   assert summary["first_round_rejection_rate"] == pytest.approx(np.mean(first_round_rej))
   assert sum(summary["retries_histogram"].values()) == summary["released_primary"]
   assert summary["skipped_images"] + summary["released_primary"] == len(train["path"])
-  # load_released reads exactly the filelist's images
-  workdir = str(tmp_path / "wd")
-  os.makedirs(workdir)
-  os.symlink(str(tmp_path / "full"), os.path.join(workdir, "synthetic"))
-  summary_file = json.loads((tmp_path / "full" / "summary.json").read_text())
-  assert summary_file["image_shape"] == [H, W, C]
-  released = synthetic_set.load_released(workdir)
+  # the internal index: every released image (primary, then its second) in source order
+  index = [json.loads(l) for l in a["synthetic/release_index.jsonl"].decode().splitlines()]
+  released_records = sorted((r for r in records if r["outcome"] in (sel.KEPT, sel.SECOND)),
+                            key=lambda r: (r["index"], r["outcome"] == sel.SECOND))
+  assert [(e["index"], e["second"], e["path"]) for e in index] == \
+      [(r["index"], r["outcome"] == sel.SECOND, r["path"]) for r in released_records]
+  assert any(e["second"] for e in index)
+  # the release filelist: opaque names in name order, the source image's labels
+  lines = a["release/filelist.txt"].decode().splitlines()
+  assert len(lines) == summary["released"] == len(index) and lines == sorted(lines)
+  source = {e["name"]: e["index"] for e in index}
+  for line in lines:
+    name, *labels = line.split()
+    assert name.startswith("images/") and name.endswith(".png") and len(name) == 7 + 32 + 4
+    assert labels == [str(int(v)) for v in train["labels"][source[name]]]
+  assert sorted(k for k in a if k.startswith("release/images/")) == sorted(
+      "release/" + line.split()[0] for line in lines)  # the leftover .tmp is gone
+  # load_released: the release's images and labels in source order
+  released = synthetic_set.load_released(full)
   assert released["images"].shape == (len(lines), H, W, C)
-  kept = [r for r in records if r["outcome"] == sel.KEPT]
-  k0 = kept[0]
-  j = released["paths"].index(sel.output_path(k0["path"]))
-  assert released["source_index"][j] == k0["index"]
-  assert np.array_equal(released["labels"][j], train["labels"][k0["index"]])
+  assert released["source_index"].tolist() == [e["index"] for e in index]
+  assert np.array_equal(released["labels"], train["labels"][released["source_index"]])
+  for name, image in zip(released["paths"], released["images"]):
+    assert np.array_equal(synthetic_set.read_png(os.path.join(full, "release", name), C), image)
 
 
 def sampler_generator(mesh, batch_size):
@@ -289,9 +306,26 @@ def test_one_and_eight_devices_give_the_same_synthetic_set(tmp_path):
   one = make_inputs(train, sampler_generator(data_mesh(jax.devices()[:1]), 5), tau)
   eight = make_inputs(train, gen8, tau)
   run_selection(str(tmp_path / "one"), one, rule, chunk_images=3)
-  run_selection(str(tmp_path / "eight"), eight, rule, chunk_images=3)
+  run_selection(str(tmp_path / "eight"), eight, rule, chunk_images=3, key_from=str(tmp_path / "one"))
   a, b = tree_files(str(tmp_path / "one")), tree_files(str(tmp_path / "eight"))
   assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
-  records = [json.loads(l) for l in a["selection.jsonl"].decode().splitlines()]
+  records = [json.loads(l) for l in a["synthetic/selection.jsonl"].decode().splitlines()]
   outcomes = {r["outcome"] for r in records}
   assert sel.REJECTED in outcomes and sel.KEPT in outcomes
+
+
+def test_source_paths_never_name_an_output_file(tmp_path):
+  """An absolute or `..` source path made select write (and overwrite) files outside the workdir;
+  released names no longer come from source paths."""
+  train = toy_train(n_patients=2, scans=2)
+  victim = tmp_path / "user" / "original.png"
+  os.makedirs(victim.parent)
+  victim.write_bytes(b"the user's scan")
+  train["path"] = [str(victim), "../../escape.png", "images/../../../up.png", "images/P001_001.png"]
+  inputs = make_inputs(train, copying_generator(train, lambda g: 0.0))
+  workdir = tmp_path / "work" / "run"
+  run_selection(str(workdir), inputs, RULE, chunk_images=2)
+  assert victim.read_bytes() == b"the user's scan"
+  outside = [os.path.join(base, f) for base, _, files in os.walk(tmp_path) for f in files
+             if not os.path.join(base, f).startswith(str(workdir) + os.sep)]
+  assert outside == [str(victim)]

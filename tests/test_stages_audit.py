@@ -126,16 +126,17 @@ def test_bad_inputs(phantom_sets):
 
 
 def _write_released(workdir, images, paths, source_index):
-  """A released set in the select stage's on-disk format."""
-  root = os.path.join(workdir, synthetic_set.SUBDIR)
-  lines, selection = [], []
-  for img, p, src in zip(images, paths, source_index):
-    synthetic_set.write_png(os.path.join(root, "images", p), img)
-    lines.append(p + " 1 0 0 0 0 0 0 0")
-    selection.append(json.dumps({"path": p, "outcome": "kept", "index": int(src)}))
-  open(os.path.join(root, "filelist.txt"), "w").write("\n".join(lines) + "\n")
-  open(os.path.join(root, "selection.jsonl"), "w").write("\n".join(selection) + "\n")
-  json.dump({"image_shape": list(images.shape[1:])}, open(os.path.join(root, "summary.json"), "w"))
+  """A released set in the select stage's on-disk format (`data.release`)."""
+  writer, src = synthetic_set.ReleaseWriter(workdir), [int(s) for s in source_index]
+  for img, s in zip(images, src):
+    writer.save(s, False, img)
+  writer.write_lists([(s, False) for s in src], dict(zip(src, paths)), {s: [1] + [0] * 7 for s in src})
+  n, root = len(src), os.path.join(workdir, synthetic_set.SUBDIR)
+  summary = dict(image_shape=list(images.shape[1:]), released=n, released_primary=n,
+                 released_second=0, train_images=n, candidates=n, tau=0.9, skipped_images=0,
+                 first_round_rejection_rate=0.0, rejection_rate=0.0)
+  writer.write_card(synthetic_set.selection_card(load_config("tiny"), summary))
+  json.dump(summary, open(os.path.join(root, "summary.json"), "w"))
   open(os.path.join(root, "COMPLETE"), "w").write("ok\n")
 
 
@@ -164,6 +165,8 @@ def test_stage_with_trained_reid_and_canaries(tiny_trained_workdir, tmp_path):
   names = [e["name"] for e in saved["evidence"]]
   assert sum(n.startswith("canary:") for n in names) == 4
   assert summary == saved["summary"]
+  card = json.load(open(os.path.join(wd, "release", "card.json")))  # the verdict goes on the card
+  assert card["audit"]["verdict"] == summary["verdict"] and card["audit"]["planted_canaries"] == 4
   assert stages.get_stage("audit")(config, wd) == summary  # complete: returns at once
 
 

@@ -28,12 +28,13 @@ def trained(tiny_trained_workdir):
 
 def clone(workdir, dst):
   """A copy of the trained workdir without any sampling outputs."""
-  shutil.copytree(workdir, dst, ignore=shutil.ignore_patterns("synthetic", "samples"))
+  shutil.copytree(workdir, dst, ignore=shutil.ignore_patterns("synthetic", "release", "samples"))
   return str(dst)
 
 
 def synthetic_files(workdir):
-  return tree_files(os.path.join(workdir, "synthetic"))
+  """The internal records and the release."""
+  return tree_files(workdir)
 
 
 def test_sample_stage_writes_the_preview_grid(trained, tmp_path):
@@ -64,23 +65,30 @@ def test_select_resumes_identically_and_matches_one_device(trained, tmp_path):
   n_train = summary["train_images"]
   assert summary["released_primary"] + summary["skipped_images"] == n_train
   assert 0.0 <= summary["first_round_rejection_rate"] <= 1.0
-  records = [json.loads(line) for line in files["selection.jsonl"].decode().splitlines()]
+  records = [json.loads(line) for line in files["synthetic/selection.jsonl"].decode().splitlines()]
   assert {r["index"] for r in records} == set(range(n_train))
   assert all((r["outcome"] == sel.REJECTED) == (r["n_patients_matched"] > 0) for r in records)
   released = synthetic_set.load_released(one)
   assert released["images"].dtype == np.uint8
   assert len(released["paths"]) == summary["released"]
   assert released["images"].shape[1:] == (config.data.image_size,) * 2 + (config.data.channels,)
-  # on 8 devices, killed after one chunk, then rerun: the same files as the 1-device run
+  assert sorted(k for k in files if k.endswith(".png")) == sorted(
+      "release/" + p for p in released["paths"])  # images in the release only, by opaque name
+  card = json.loads(files["release/card.json"])
+  assert card["images"]["count"] == summary["released"] and card["audit"] is None
+  # on 8 devices, killed after one chunk, then rerun: the same files as the 1-device run (given
+  # its secret key: the names are the same)
   killed = clone(workdir, tmp_path / "killed")
+  os.makedirs(os.path.join(killed, "synthetic"))
+  shutil.copy(os.path.join(one, "synthetic", "release.key"), os.path.join(killed, "synthetic"))
   partial = select_stage.run(config, killed, stop_after_chunks=1)
   assert partial["chunks_done"] == 1
   select_stage.run(config, killed)
   resumed = synthetic_files(killed)
   assert resumed.keys() == files.keys()
-  assert all(resumed[k] == files[k] for k in files if k != "selection.jsonl")  # images included
+  assert all(resumed[k] == files[k] for k in files if k != "synthetic/selection.jsonl")  # images too
   # the same decisions; similarities to float rounding (8 devices embed in smaller batches)
-  records_8 = [json.loads(line) for line in resumed["selection.jsonl"].decode().splitlines()]
+  records_8 = [json.loads(line) for line in resumed["synthetic/selection.jsonl"].decode().splitlines()]
   assert len(records_8) == len(records)
   for one_dev, eight_dev in zip(records, records_8):
     sims = [k for k in one_dev if k.endswith("_sim") or k == "consistency"]
@@ -102,3 +110,4 @@ def test_a_checkpoint_of_another_model_is_refused(trained, tmp_path):
   with pytest.raises(UserError, match="32"):
     select_stage.run(other, wd)
   assert not os.path.exists(os.path.join(wd, "synthetic", "chunks"))
+  assert not os.path.exists(os.path.join(wd, "release"))

@@ -33,7 +33,7 @@ def check_synthetic(released: dict, train: dict, findings) -> np.ndarray:
   if images is None or len(images) == 0:
     raise UserError("the released synthetic set is empty; nothing to evaluate (rerun --mode=select)")
   if labels is None or np.size(labels) == 0:
-    raise UserError("the synthetic set has no labels (synthetic/filelist.txt needs "
+    raise UserError("the synthetic set has no labels (release/filelist.txt needs "
                     f"`<path> l0 ... l{len(findings) - 1}` lines); rerun --mode=select")
   labels = classifier_lib.check_labels(labels, len(images), findings, "synthetic set")
   if tuple(images.shape[1:]) != tuple(train["image"].shape[1:]):

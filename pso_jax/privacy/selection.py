@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from pso_jax import io_utils
-from pso_jax.data.release import KEPT, SECOND, output_path
+from pso_jax.data.release import KEPT, SECOND
 from pso_jax.errors import require
 
 SURVIVOR, REJECTED = "survivor", "rejected"
@@ -189,13 +189,16 @@ def chunk_stats(records: list, n_images: int, seconds: float) -> dict:
 
 
 def run_chunks(inputs: SelectionInputs, rule: SelectionRule, out_dir: str, chunk_images: int, *,
-               write: bool = True, stop_after: Optional[int] = None, progress=None,
-               save_png: Callable = None) -> list:
+               save: Optional[Callable] = None, stop_after: Optional[int] = None,
+               progress=None) -> list:
   """Selects chunk by chunk; a chunk with its marker is done and skipped on a rerun.
 
-  Each chunk writes its PNGs, then its records, then its marker (all atomic), so a kill leaves
-  either a finished chunk or one that is redone from scratch with the same seeds. `stop_after`
-  returns after that many newly computed chunks (for tests of resumption). Returns the markers.
+  `save(index, second, image)` stores a released image (`data.release.ReleaseWriter.save`: under
+  an opaque name, never one derived from the source path); without it (processes other than 0)
+  nothing is written. Each chunk saves its images, then writes its records, then its marker (all
+  atomic), so a kill leaves either a finished chunk or one that is redone from scratch with the
+  same seeds. `stop_after` returns after that many newly computed chunks (for tests of
+  resumption). Returns the markers.
   """
   require(chunk_images >= 1, f"config.select.chunk_images={chunk_images} must be >= 1")
   n_images = len(inputs.paths)
@@ -213,14 +216,14 @@ def run_chunks(inputs: SelectionInputs, rule: SelectionRule, out_dir: str, chunk
     start = time.perf_counter()
     indices = range(k * chunk_images, min((k + 1) * chunk_images, n_images))
     records, chosen = select_images(inputs, rule, indices)
-    if write:
+    if save is not None:
       for i, (primary, second) in sorted(chosen.items()):
-        save_png(os.path.join(out_dir, "images", output_path(inputs.paths[i])), primary)
+        save(i, False, primary)
         if second is not None:
-          save_png(os.path.join(out_dir, "images", output_path(inputs.paths[i], True)), second)
+          save(i, True, second)
       io_utils.write_text(chunk_records(out_dir, k), "".join(_json_line(r) for r in records))
     s = chunk_stats(records, len(indices), time.perf_counter() - start)
-    if write:
+    if save is not None:
       io_utils.write_json(marker, s)
     stats.append(s)
     computed += 1
@@ -233,14 +236,10 @@ def _json_line(record: dict) -> str:
   return json.dumps(record, sort_keys=True) + "\n"
 
 
-def filelist_lines(records: list, labels: np.ndarray) -> list:
-  """Reference filelist: `<relpath> l0 .. l7` per released image, a `_2nd` line after its primary."""
-  lines = []
-  for r in sorted((r for r in records if r["outcome"] in (KEPT, SECOND)),
-                  key=lambda r: (r["index"], r["outcome"] != KEPT)):
-    path = output_path(r["path"], r["outcome"] == SECOND)
-    lines.append(path + " " + " ".join(str(int(v)) for v in labels[r["index"]]) + "\n")
-  return lines
+def released_images(records: list) -> list:
+  """(index, second) of every released image in source order, a primary before its second."""
+  return sorted((r["index"], r["outcome"] == SECOND) for r in records
+                if r["outcome"] in (KEPT, SECOND))
 
 
 def summarise(stats: list, rule: SelectionRule, inputs: SelectionInputs) -> dict:

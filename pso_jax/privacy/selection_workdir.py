@@ -1,6 +1,6 @@
 """The selection's workdir side: its inputs built from a trained workdir (re-id embeddings, classifier
 outputs, the patient search), the guard that a resumed selection uses the same model, and the
-released set's list files.
+list files of the selection (internal) and of the release.
 """
 
 import json
@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from pso_jax import io_utils
+from pso_jax.data import release
 from pso_jax.diffusion import sampling
 from pso_jax.errors import UserError
 from pso_jax.privacy import selection
@@ -23,8 +24,9 @@ def check_same_model(out_dir: str, fingerprint: dict, chunk_images: int) -> None
     if stored != current:
       raise UserError(
           f"{out_dir!r} holds a selection made by another model or selection config "
-          f"({stored} here, now {current}); delete {out_dir} to select again with this model, or "
-          "use a new --workdir")
+          f"({stored} here, now {current}); delete {out_dir} and "
+          f"{os.path.join(os.path.dirname(out_dir), release.RELEASE_DIR)} to select again with "
+          "this model, or use a new --workdir")
   elif jax.process_index() == 0:
     io_utils.write_json(path, current)
 
@@ -56,16 +58,17 @@ def build_inputs(config, workdir: str, train: dict, generate) -> selection.Selec
       predict=classifier.predict, search=search)
 
 
-def write_lists(out_dir: str, inputs: selection.SelectionInputs, n_chunks: int) -> None:
-  """selection.jsonl (the chunks' records in order) and filelist.txt (what was released)."""
+def write_lists(out_dir: str, inputs: selection.SelectionInputs, n_chunks: int,
+                writer: release.ReleaseWriter) -> None:
+  """selection.jsonl (the chunks' records in order), the released names' index and the release's
+  filelist.txt."""
   texts = []
   for k in range(n_chunks):
     with open(selection.chunk_records(out_dir, k), encoding="utf-8") as f:
       texts.append(f.read())
   io_utils.write_text(os.path.join(out_dir, "selection.jsonl"), "".join(texts))
   records = [json.loads(line) for text in texts for line in text.splitlines()]
-  io_utils.write_text(os.path.join(out_dir, "filelist.txt"),
-                      "".join(selection.filelist_lines(records, inputs.labels)))
+  writer.write_lists(selection.released_images(records), inputs.paths, inputs.labels)
 
 
 def selection_evaluations(config, guided: bool) -> int:

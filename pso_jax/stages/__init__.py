@@ -52,9 +52,10 @@ STAGES = (
           "preview samples from the trained model"),
     Stage("select", "pso_jax.stages.select", release.SUBDIR, "summary.json",
           ("prepare", "train", "train_reid", "train_classifier"),
-          "candidates -> re-id rejection -> synthetic set"),
+          "candidates -> re-id rejection -> synthetic set (in release/; records stay here)"),
     Stage("audit", "pso_jax.stages.audit", audit.SUBDIR, audit.RESULT_FILE,
-          ("prepare", "train_reid", "select"), "all-pairs PSO audit of the released set"),
+          ("prepare", "train_reid", "select"),
+          "all-pairs PSO audit of the released set (its verdict goes into release/card.*)"),
     # the real-data classifier is trained here too when its stage has not run
     Stage("evaluate", "pso_jax.stages.evaluate", synthetic_utility.SUBDIR,
           synthetic_utility.RESULT_FILE, ("prepare", "train_classifier", "select"),

@@ -2,9 +2,10 @@
 (`evaluate.synthetic_utility`: utility as AUROC of classifiers trained on real vs synthetic images,
 diversity in the pseudo-conditioning feature space).
 
-Reads the released set (`synthetic/`), the real splits and the real-data classifier
-(`classifier/`, trained here if that stage has not run). Writes `evaluate/classifier_synthetic/`
-(weights), `evaluate/evaluate.json`, then `evaluate/COMPLETE`.
+Reads the released set (`release/`, in source order through `synthetic/`'s index: the images the
+audit reads), the real splits and the real-data classifier (`classifier/`, trained here if that
+stage has not run). Writes `evaluate/classifier_synthetic/` (weights), `evaluate/evaluate.json`,
+then `evaluate/COMPLETE`.
 """
 
 from pso_jax import stages
