@@ -265,6 +265,18 @@ def test_features_from_file_aligned_with_filelist(tmp_path):
   np.testing.assert_allclose(got["feature"], features.unit_normalise(feats[want]), rtol=1e-6)
 
 
+def test_features_path_list_is_normalised_like_the_filelist(tmp_path):
+  """feats.txt naming `./images/x.png` lists the same image as the filelist's `images/x.png`."""
+  root = tmp_path / "images"
+  rows = _make_dataset(str(root), "cxr8")
+  filelist = tmp_path / "list.txt"
+  _write_filelist(filelist, rows)
+  config = _config(root, filelist=filelist)
+  _features_file(tmp_path, config, len(rows), paths=["./" + r[0] for r in rows])
+  prepare.run(config, str(tmp_path / "run"))
+  assert dataset.is_complete(str(tmp_path / "run"))
+
+
 def test_bad_input_features_misaligned(tmp_path):
   def wrong_length(config, root, filelist, rows):
     _features_file(tmp_path, config, len(rows) - 1)

@@ -12,6 +12,7 @@ Kinds (config.data.features.kind):
 """
 
 import os
+import posixpath
 
 import numpy as np
 
@@ -85,7 +86,8 @@ def _paths_beside(npy_path: str) -> list[str] | None:
   if not os.path.isfile(txt):
     return None
   with open(txt, "r", encoding="utf-8") as f:
-    return [line.split()[0] for line in f if line.strip()]
+    # normalised like the filelist's own paths (./a and a are one image)
+    return [posixpath.normpath(line.split()[0]) for line in f if line.strip()]
 
 
 def load_file(config, input_paths: np.ndarray, split_rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
