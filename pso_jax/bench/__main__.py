@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m pso_jax.bench NAME [flags]`, NAME in data | train | audit | sample | vae | cnn.
+"""Benchmarks: `python -m pso_jax.bench NAME [flags]`, NAME in data | train | audit | sample | vae | cnn | pod.
 
 Each prints its figures as ratios against a reference measured in the same run (the machine's
 matmul rate, faiss, ...), never as absolute targets.
@@ -14,6 +14,7 @@ BENCHES = {
     "sample": "pso_jax.bench.sample",
     "vae": "pso_jax.bench.vae",
     "cnn": "pso_jax.bench.cnn",
+    "pod": "pso_jax.bench.pod",  # compiled for a TPU slice on this host (needs libtpu)
 }
 
 
