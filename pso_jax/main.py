@@ -4,9 +4,14 @@
   python -m pso_jax.main --config=configs/cxr.py:demo --workdir=runs/demo --mode=train \
       --config.train.batch_size=128
 
-Every process of a multi-host run executes this same program.
+Every process of a multi-host run executes this same program. Every stage's config checks run
+before the first stage starts; config.json is written once a stage of this run has finished. The
+libraries' INFO lines are hidden unless --verbosity is given (absl's flag: 0 shows them, 1 adds
+debug lines). Compiled programs are cached in ~/.cache/pso_jax/xla (PSO_JAX_COMPILATION_CACHE
+moves it).
 """
 
+import errno
 import json
 import logging as std_logging
 import os
@@ -18,6 +23,7 @@ from ml_collections import config_flags
 
 from pso_jax import progress, stages, workdir as workdir_lib
 from pso_jax.errors import UserError
+from pso_jax.stages import checks
 
 config_flags.DEFINE_config_file("config", None, "configs/cxr.py[:demo|:tiny]", lock_config=True)
 flags.DEFINE_string("workdir", None, "folder for this run's files")
@@ -38,9 +44,13 @@ def setup_jax(config) -> None:
   distributed.maybe_initialize(config.distributed)
 
 
-def run_modes(config, workdir: str, mode: str, **options) -> dict:
+def modes_of(mode: str) -> list:
+  """The stages `--mode` runs, in order."""
+  return [s.mode for s in stages.STAGES] if mode == "pipeline" else [stages.stage(mode).mode]
+
+
+def run_modes(config, workdir: str, modes: list, **options) -> dict:
   import jax
-  modes = [s.mode for s in stages.STAGES] if mode == "pipeline" else [mode]
   runners = [(m, stages.get_stage(m)) for m in modes]  # fail on a missing stage before work starts
   results, timings = {}, {}
   overall = progress.bar(total=len(runners), desc="pipeline", unit="stage") if len(runners) > 1 else None
@@ -54,6 +64,8 @@ def run_modes(config, workdir: str, mode: str, **options) -> dict:
     results[m] = run(config, workdir, **kwargs)
     timings[m] = time.time() - start
     if jax.process_index() == 0:
+      if i == 0:  # outputs of this config now exist: from here on the workdir holds it
+        workdir_lib.write_config(workdir, config)
       record_timing(workdir, m, timings[m])
       print(f"[pso_jax] {m}: done in {timings[m]:.1f} s", flush=True)
     if overall is not None:
@@ -70,27 +82,48 @@ def record_timing(workdir: str, mode: str, seconds: float) -> None:
     f.write(line + "\n")
 
 
-def _quiet_checkpoint_library(record) -> bool:
-  """Hides orbax's per-checkpoint INFO lines (dozens per save or load); its warnings still show."""
-  return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _quiet_libraries(record) -> bool:
+  """Without --verbosity, the libraries' INFO lines (absl, tfds, orbax, the JAX backend probe)
+  are hidden; their warnings and pso_jax's own lines still show."""
+  return record.levelno >= std_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+
+
+def _inside(path, folder) -> bool:
+  path, folder = os.path.realpath(os.fsdecode(path)), os.path.realpath(folder)
+  return os.path.commonpath([path, folder]) == folder
+
+
+def _fail(message: str, code: int):
+  print(f"pso_jax: error: {message}", file=sys.stderr)
+  sys.exit(code)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_quiet_checkpoint_library)
-  config = FLAGS.config
+  if not FLAGS["verbosity"].present:
+    logging.get_absl_handler().addFilter(_quiet_libraries)
+  config, workdir = FLAGS.config, FLAGS.workdir
   try:
     if config is None:
       raise UserError("--config is required, e.g. --config=configs/cxr.py:demo")
+    modes = modes_of(FLAGS.mode)
     setup_jax(config)
-    import jax
-    workdir_lib.prepare_workdir(FLAGS.workdir, config, FLAGS.allow_config_change,
-                                write=jax.process_index() == 0)
-    run_modes(config, FLAGS.workdir, FLAGS.mode, compare=FLAGS.compare)
+    # every check of every stage to run, then the workdir's: nothing is written before they pass
+    checks.check_config(config, modes)
+    workdir_lib.check_workdir(workdir, config, FLAGS.allow_config_change)
+    run_modes(config, workdir, modes, compare=FLAGS.compare)
   except UserError as e:
-    print(f"pso_jax: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(str(e), 2)
+  except OSError as e:  # the workdir's disk failed (full, read-only, gone): one line, no traceback
+    if not (workdir and e.filename and _inside(e.filename, workdir)):
+      raise
+    name = errno.errorcode.get(e.errno, str(e.errno))
+    _fail(f"{e.filename}: {e.strerror} ({name}). Free space or make the workdir writable, then "
+          "rerun the same command: finished stages and checkpoints are kept", 1)
 
 
 def parse_flags(argv):

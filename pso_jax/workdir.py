@@ -3,7 +3,8 @@
 A rerun with a different config in the same workdir is refused (stages would silently mix outputs
 of two configs) unless the user asks for it. Fields that only say how to run, not what to compute
 (mesh shape, process layout, loader workers), may change freely: that is how a run resumes on
-another machine.
+another machine. The config is stored once a stage has finished with it, so a refused or failed
+first run leaves no config behind that would refuse the corrected one.
 """
 
 import json
@@ -46,9 +47,9 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict,
-                    allow_config_change: bool = False, write: bool = True) -> None:
-  """Creates the workdir, refuses a different config, writes the resolved config (process 0)."""
+def check_workdir(workdir: str, config: ml_collections.ConfigDict,
+                  allow_config_change: bool = False) -> None:
+  """Creates the workdir and refuses a config other than the one it holds; writes no config."""
   if not workdir:
     raise UserError("--workdir is required: the folder where this run's files go, e.g. --workdir=runs/demo")
   try:
@@ -61,18 +62,27 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict,
     raise UserError(f"workdir {workdir!r} is not writable ({e.strerror}); choose a folder you can "
                     "write to with --workdir=...") from None
   path = os.path.join(workdir, CONFIG_FILE)
-  fresh = config_to_dict(config)
   if os.path.exists(path):
     stored = io_utils.read_json(path)
-    diff = _differences(_strip_runtime(stored), _strip_runtime(fresh))
+    diff = _differences(_strip_runtime(stored), _strip_runtime(config_to_dict(config)))
     if diff and not allow_config_change:
       shown = "\n  ".join(diff[:20]) + ("\n  ..." if len(diff) > 20 else "")
       raise UserError(
           f"workdir {workdir!r} holds a run with a different config:\n  {shown}\n"
           "Use a new --workdir for a new experiment, or pass --allow_config_change to continue "
           "this one with the new config (outputs of earlier stages are kept as they are).")
-  if write:
-    io_utils.write_json(path, fresh)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Stores the resolved config: the one the workdir's outputs were made with (process 0)."""
+  io_utils.write_json(os.path.join(workdir, CONFIG_FILE), config_to_dict(config))
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict,
+                    allow_config_change: bool = False) -> None:
+  """check_workdir, then write_config (`main` writes only after a stage has finished)."""
+  check_workdir(workdir, config, allow_config_change)
+  write_config(workdir, config)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -49,7 +49,8 @@ class Plan:
   file_features: dict[str, np.ndarray] | None = None
 
 
-def _check_config(config) -> None:
+def check_config(config) -> None:
+  """The data section's own checks (also run by `main` before any stage starts)."""
   d = config.data
   if d.source not in SOURCES:
     raise UserError(f"config.data.source={d.source!r} is unknown; use one of {', '.join(SOURCES)}")
@@ -65,7 +66,7 @@ def _check_config(config) -> None:
 
 def make_plan(config) -> Plan:
   """Reads and validates the input; raises UserError before anything is written."""
-  _check_config(config)
+  check_config(config)
   d = config.data
   if d.source == "phantom":
     idx = phantom.index(d.phantom)

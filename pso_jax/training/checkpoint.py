@@ -107,7 +107,8 @@ class Checkpointer:
       raise UserError(
           f"the checkpoint at {self.directory}/{step} was written by a model of another shape "
           f"({len(problems)} leaves differ):\n  {shown}\nResume with the config that wrote it "
-          "(see config.json in the workdir), or train this config in a new --workdir")
+          f"(the 'config' entry of {os.path.join(self.directory, str(step), 'meta')}), or train "
+          "this config in a new --workdir")
 
   def restore(self, step: int, abstract_state, data_iter=None):
     """(state, meta): state restored straight into the shardings of `abstract_state`."""
