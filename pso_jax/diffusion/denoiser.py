@@ -2,11 +2,13 @@
 the raw weights, a tracked EMA, or an EMA width reconstructed post hoc from the saved snapshots.
 """
 
+import dataclasses
 import math
 import os
 
 import jax
 import numpy as np
+from absl import logging
 
 from pso_jax import parallel
 from pso_jax.diffusion import ema as ema_lib
@@ -30,32 +32,44 @@ def snapshot_dir(workdir: str) -> str:
   return os.path.join(stage_dir(workdir), "ema_snapshots")
 
 
-def latest_step(workdir: str):
-  """Newest diffusion checkpoint step (orbax names step folders by number), None if unknown."""
-  directory = checkpoint_dir(workdir)
-  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
-  return max(steps) if steps else None
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  model: object     # for model.apply(variables, x, sigma, cond, train=False)
+  variables: dict
+  step: int         # the checkpoint it came from
 
 
-def load_denoiser(config, workdir: str, *, ema_std: float | None = None, step: int | None = None):
-  """(model, variables) of a trained run for `model.apply(variables, x, sigma, cond, train=False)`.
+def load(config, workdir: str, *, ema_std: float | None = None, step: int | None = None) -> Trained:
+  """The trained denoiser of a run.
 
   ema_std None uses config.sample.ema_std; 0 gives the raw training weights; a tracked width its
   EMA; any other width is reconstructed post hoc from the EMA snapshots saved up to that step.
-  step None takes the newest checkpoint.
+  step None takes the newest checkpoint that restores: a corrupt one (a truncated file) is named
+  in a warning and the one before it is used.
   """
   ema_std = float(config.sample.ema_std if ema_std is None else ema_std)
   directory = checkpoint_dir(workdir)
   ckpt = ckpt_lib.Checkpointer(directory, keep=int(config.train.keep_checkpoints), async_save=False)
   steps = ckpt.all_steps()
   require(steps, f"no diffusion checkpoint in {directory}; run --mode=train with --workdir={workdir} first")
-  step = max(steps) if step is None else int(step)
-  require(step in steps, f"no diffusion checkpoint of step {step} in {directory}; saved steps: {steps}")
+  require(step is None or int(step) in steps,
+          f"no diffusion checkpoint of step {step} in {directory}; saved steps: {steps}")
   model = presets.build_model(config)
   mesh = parallel.make_mesh(config.mesh)
   abstract, shardings = train_setup.abstract_state(model, config, mesh)
-  state, _ = ckpt.restore(step, parallel.with_shardings(abstract, shardings))
-  ckpt.close()
+  target = parallel.with_shardings(abstract, shardings)
+  try:
+    if step is None:
+      step, (state, _), corrupt = ckpt.restore_newest(lambda s: ckpt.restore(s, target))
+      if jax.process_index() == 0:
+        for bad, why in corrupt:
+          logging.warning("checkpoint %d in %s does not restore (%s); using the one of step %d",
+                          bad, directory, why, step)
+    else:
+      step = int(step)
+      state, _ = ckpt.restore(step, target)
+  finally:
+    ckpt.close()
   tracked = [i for i, s in enumerate(config.train.ema_stds) if math.isclose(s, ema_std, rel_tol=1e-6)]
   if ema_std == 0:
     params = state.params
@@ -63,7 +77,13 @@ def load_denoiser(config, workdir: str, *, ema_std: float | None = None, step: i
     params = state.ema[tracked[0]]
   else:
     params = _posthoc_params(config, workdir, state.params, ema_std, step)
-  return model, {"params": params, **state.constants}
+  return Trained(model, {"params": params, **state.constants}, step)
+
+
+def load_denoiser(config, workdir: str, *, ema_std: float | None = None, step: int | None = None):
+  """(model, variables) of `load`, for `model.apply(variables, x, sigma, cond, train=False)`."""
+  trained = load(config, workdir, ema_std=ema_std, step=step)
+  return trained.model, trained.variables
 
 
 def _posthoc_params(config, workdir, like, ema_std: float, step: int):

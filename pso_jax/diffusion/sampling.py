@@ -135,8 +135,9 @@ def load_sampler(config, workdir: str, *, stream: int, guided: bool, mesh=None,
   from pso_jax.models.presets import model_input_shape
   check_sample_config(config)
   s = config.sample
-  model, variables = denoiser.load_denoiser(config, workdir, ema_std=s.ema_std)
-  net = sampler_lib.flax_denoiser(model, variables)
+  trained = denoiser.load(config, workdir, ema_std=s.ema_std)
+  variables = trained.variables
+  net = sampler_lib.flax_denoiser(trained.model, variables)
   ref = _guide(config, workdir, net) if guided else None
   if mesh is None:
     from pso_jax.parallel import make_mesh
@@ -146,7 +147,7 @@ def load_sampler(config, workdir: str, *, stream: int, guided: bool, mesh=None,
       net, ref, key=key, shape=model_input_shape(config), steps=int(s.steps),
       sigma_min=float(s.sigma_min), sigma_max=float(s.sigma_max), rho=float(s.rho),
       batch_size=int(batch_size or s.batch_size), mesh=mesh)
-  fingerprint = dict(config_hash=_config_hash(config), checkpoint_step=denoiser.latest_step(workdir),
+  fingerprint = dict(config_hash=_config_hash(config), checkpoint_step=trained.step,
                      weights=round(weight_checksum(variables), 3),
                      guide=s.guide if ref is not None else "none",
                      guide_weights=round(weight_checksum(ref.variables), 3) if ref is not None

@@ -11,6 +11,7 @@ keys are already Flax paths (`params/encoder/conv_in/kernel`) and whose metadata
 """
 
 import json
+import math
 import os
 import re
 import struct
@@ -46,7 +47,38 @@ def _read_header(path: str) -> tuple[dict, int]:
       raise UserError(f"{path} has a corrupt safetensors header; download it again") from None
   if not isinstance(header, dict):
     raise UserError(f"{path} has a corrupt safetensors header; download it again")
+  meta = header.get("__metadata__") or {}
+  if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+    raise UserError(f"{path}: the safetensors header's __metadata__ is {meta!r}, not a map of "
+                    "strings; the file is corrupt, download it again")
   return header, n
+
+
+def _entry(path: str, name: str, info) -> tuple[np.dtype, list, int, int]:
+  """(dtype, shape, start, end) of one tensor's header entry; a malformed one is a UserError."""
+  def corrupt(problem: str) -> UserError:
+    return UserError(f"{path}: tensor {name!r} {problem} in the safetensors header; the file is "
+                     "corrupt, download it again")
+  if not isinstance(info, dict):
+    raise corrupt(f"is {info!r}, not an entry with dtype, shape and data_offsets")
+  missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+  if missing:
+    raise corrupt(f"has no {' or '.join(missing)}")
+  st_dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+  if st_dtype not in _ST_DTYPES:
+    raise UserError(f"{path}: tensor {name!r} has dtype {st_dtype}, which pso_jax cannot read")
+  import ml_dtypes  # ships with jax; numpy has no bfloat16
+  dtype = np.dtype(ml_dtypes.bfloat16) if st_dtype == "BF16" else np.dtype(_ST_DTYPES[st_dtype])
+  is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)
+  if not (isinstance(shape, list) and all(is_int(d) and d >= 0 for d in shape)):
+    raise corrupt(f"has shape {shape!r}")
+  if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets))
+          and 0 <= offsets[0] <= offsets[1]):
+    raise corrupt(f"has data_offsets {offsets!r}, not [start, end]")
+  start, end = offsets
+  if end - start != math.prod(shape) * dtype.itemsize:
+    raise corrupt(f"has shape {shape} of {st_dtype} but data_offsets {offsets} ({end - start} bytes)")
+  return dtype, shape, start, end
 
 
 def read_safetensors_metadata(path: str) -> dict[str, str]:
@@ -55,22 +87,17 @@ def read_safetensors_metadata(path: str) -> dict[str, str]:
 
 def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """(tensors, metadata) of a safetensors file; a truncated or malformed file is a UserError."""
-  import ml_dtypes  # ships with jax; numpy has no bfloat16
   header, n = _read_header(path)
   size = os.path.getsize(path)
   meta = header.pop("__metadata__", None) or {}
   data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
   tensors = {}
   for name, info in header.items():
-    start, end = info["data_offsets"]
+    dtype, shape, start, end = _entry(path, name, info)
     if end > data.size:
       raise UserError(f"{path} is truncated: tensor {name!r} ends at byte {end} of the data but the "
                       f"file holds only {data.size}; download it again")
-    st_dtype = info["dtype"]
-    if st_dtype not in _ST_DTYPES:
-      raise UserError(f"{path}: tensor {name!r} has dtype {st_dtype}, which pso_jax cannot read")
-    dtype = ml_dtypes.bfloat16 if st_dtype == "BF16" else np.dtype(_ST_DTYPES[st_dtype])
-    tensors[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+    tensors[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape)
   return tensors, meta
 
 

@@ -34,19 +34,28 @@ def _process_count() -> int:  # one place (tests stand in another count for the 
   return jax.process_count()
 
 
+def _closing(close):
+  """An ExitStack exit that calls `close`; when another error is already on its way out, a
+  failure of `close` is logged instead of raised, so the first error is the one shown."""
+  def exit_(exc_type, exc, tb):
+    try:
+      close()
+    except Exception as e:  # noqa: BLE001
+      if exc is None:
+        raise
+      logging.warning("train: after %s, closing also failed: %s", type(exc).__name__, e)
+    return False
+  return exit_
+
+
 def _setup(config, workdir: str, out_dir: str, mesh, source, ckpt):
   """Checks a resume's layout, builds the loader at the right stream position and the state
-  (fresh, or restored into this mesh's shardings): everything before compilation.
+  (fresh, or restored into this mesh's shardings from the newest checkpoint that restores):
+  everything before compilation.
 
   Returns (state, stream, kanon_table, start step, stream metadata to save, shardings, model).
   """
   batch_size = int(config.train.batch_size)
-  start = ckpt.latest_step()
-  saved_stream = None if start is None else ckpt.read_meta(start).get("data")
-  # a resume on another process / device layout must be able to continue the saved sample stream
-  pipeline.check_resume(None if saved_stream is None else saved_stream["layout"], step=start,
-                        global_batch_size=batch_size, grad_accum=int(config.train.grad_accum),
-                        process_count=_process_count(), device_count=mesh.size)
   parallel.micro_batch_size(batch_size, int(config.train.grad_accum), mesh)
   model = presets.build_model(config)
   os.makedirs(out_dir, exist_ok=True)
@@ -56,22 +65,43 @@ def _setup(config, workdir: str, out_dir: str, mesh, source, ckpt):
   layout = pipeline.stream_layout(num_records=len(source), global_batch_size=batch_size,
                                   seed=int(config.seed), shuffle=True, rows_by_process=rows,
                                   worker_count=worker_count)
-  start_batch, same_layout = pipeline.resume_plan(saved_stream, layout, start or 0)
-  stream = train_setup.BatchStream(iter(pipeline.make_loader(
-      source, global_batch_size=batch_size, seed=int(config.seed), shuffle=True, num_epochs=None,
-      worker_count=worker_count, rows=rows[jax.process_index()], start_batch=start_batch)))
-
   abstract, shardings = train_setup.abstract_state(model, config, mesh)
+
+  def loader(start_batch: int):
+    return train_setup.BatchStream(iter(pipeline.make_loader(
+        source, global_batch_size=batch_size, seed=int(config.seed), shuffle=True,
+        num_epochs=None, worker_count=worker_count, rows=rows[jax.process_index()],
+        start_batch=start_batch)))
+
+  def resume(step: int):
+    saved_stream = ckpt.read_meta(step).get("data")
+    # a resume on another process / device layout must be able to continue the saved sample stream
+    pipeline.check_resume(None if saved_stream is None else saved_stream["layout"], step=step,
+                          global_batch_size=batch_size, grad_accum=int(config.train.grad_accum),
+                          process_count=_process_count(), device_count=mesh.size)
+    start_batch, same_layout = pipeline.resume_plan(saved_stream, layout, step)
+    stream = loader(start_batch)
+    # model, optimizer and EMA arrays are read straight into this mesh's shardings; the loader
+    # continues from its saved state on the same layout, from global batch `step` on another
+    state, _ = ckpt.restore(step, parallel.with_shardings(abstract, shardings),
+                            stream if same_layout else None)
+    return state, stream, saved_stream, start_batch, same_layout
+
+  start, resumed, corrupt = ckpt.restore_newest(resume)
+  if corrupt:
+    aside = ckpt.set_aside([step for step, _ in corrupt])
+    if jax.process_index() == 0:
+      for step, why in corrupt:
+        logging.warning("train: checkpoint %d in %s does not restore (%s); it is moved to %s and "
+                        "training resumes from step %d", step, ckpt.directory, why, aside, start)
   if start is None:
+    stream, saved_stream, start_batch = loader(0), None, 0
     init_key, _ = train_setup.keys(config)
     with jax.set_mesh(mesh):
       state = jax.jit(lambda k: step_lib.init_state(model, config, k), out_shardings=shardings)(init_key)
     start = 0
   else:
-    # model, optimizer and EMA arrays are read straight into this mesh's shardings; the loader
-    # continues from its saved state on the same layout, from global batch `start` on another
-    state, _ = ckpt.restore(start, parallel.with_shardings(abstract, shardings),
-                            stream if same_layout else None)
+    state, stream, saved_stream, start_batch, same_layout = resumed
     if jax.process_index() == 0 and saved_stream is None:
       logging.warning("train: the checkpoint of step %d has no data stream layout (written before "
                       "layouts were saved); the loaders restart the global stream at batch %d, "
@@ -102,9 +132,10 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
   ckpt = ckpt_lib.Checkpointer(denoiser.checkpoint_dir(workdir),
                                keep=int(config.train.keep_checkpoints),
                                async_save=bool(config.train.async_checkpoint))
-  # closed in reverse order on any exit, a failed setup or compile included
+  # closed in reverse order on any exit, a failed setup or compile included; a close that fails
+  # while an error is on its way out (a full disk flushing the metrics) does not replace it
   with contextlib.ExitStack() as cleanup:
-    cleanup.callback(ckpt.close)
+    cleanup.push(_closing(ckpt.close))
     state, stream, kanon_table, start, stream_meta, shardings, model = _setup(
         config, workdir, out_dir, mesh, source, ckpt)
     _, train_key = train_setup.keys(config)
@@ -115,7 +146,7 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
     log_every = max(1, int(config.train.log_every_steps))
     snap_dir = denoiser.snapshot_dir(workdir)
     writer = metrics_lib.MetricsWriter(out_dir, resume_step=start)
-    cleanup.callback(writer.close)
+    cleanup.push(_closing(writer.close))
 
     def next_batch():  # this process's rows of the next global batch, as global arrays
       return parallel.local_rows_to_global(
@@ -133,7 +164,7 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
                    step_flops / 1e9, peak / 1e12, peak_source)
 
     bar = progress.bar(total=total_steps, desc="train", unit="step", initial=start)
-    cleanup.callback(bar.close)
+    cleanup.push(_closing(bar.close))
     nan_streak, last_saved, step = 0, start, start
     window_start, window_steps = time.perf_counter(), 0
     stop_at = total_steps if stop_after_steps is None else min(total_steps, start + stop_after_steps)

@@ -122,6 +122,45 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def restore_newest(self, restore_step):
+    """(step, restore_step(step), corrupt) for the newest checkpoint that restores.
+
+    A checkpoint that does not read back (a truncated data file, a broken JSON file: any error
+    but a UserError, which says the files are sound but do not fit this run) is passed over for
+    the one before it; `corrupt` lists (step, reason) of those, newest first. (None, None, [])
+    when there is no checkpoint; a UserError naming each one when none restores.
+    """
+    corrupt = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return step, restore_step(step), corrupt
+      except UserError:
+        raise
+      except Exception as e:  # noqa: BLE001 (tensorstore, orbax, grain and json raise many types)
+        corrupt.append((step, _reason(e)))
+    if corrupt:
+      raise UserError(f"no checkpoint in {self.directory} restores: "
+                      + "; ".join(f"step {s}: {why}" for s, why in corrupt)
+                      + ". Move that folder away to train from the start")
+    return None, None, []
+
+  def set_aside(self, steps) -> str:
+    """Moves checkpoints that do not restore out of the manager's folder, into corrupt/ beside it
+    (nothing is deleted), so training can save those steps again. Returns that folder."""
+    aside = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target, n = os.path.join(aside, str(step)), 1
+        while os.path.exists(target):  # the same step went bad before
+          target, n = os.path.join(aside, f"{step}.{n}"), n + 1
+        os.replace(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("pso_jax checkpoints set aside")
+    self.manager.reload()
+    return aside
+
   def close(self) -> None:
     try:
       self.wait()
@@ -130,6 +169,14 @@ class Checkpointer:
         raise
     finally:
       self.manager.close()
+
+
+def _reason(e: BaseException) -> str:
+  """The first line of the innermost error (orbax wraps tensorstore's, which names the file)."""
+  while (e.__cause__ or e.__context__) is not None:
+    e = e.__cause__ or e.__context__
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
 # ------------------------------------------------------------------ EMA snapshots

@@ -6,6 +6,7 @@ the devices' peak: a table by device kind for accelerators, the measured matmul 
 
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -56,6 +57,9 @@ class MetricsWriter:
   """metrics.jsonl + TensorBoard events under `directory`; a no-op on processes other than 0.
 
   On resume, lines of steps after the restored checkpoint are dropped (they are recomputed).
+  Both files are written and flushed in the caller's thread (not by tensorboardX's background
+  writer, which on a full disk dies with its own traceback and then blocks the queue): a failed
+  write is an OSError from `write`, naming the file.
   """
 
   def __init__(self, directory: str, *, resume_step: int | None = None):
@@ -70,23 +74,27 @@ class MetricsWriter:
         lines = [l for l in f if l.strip()]
       keep = [l for l in lines if resume_step is not None and json.loads(l).get("step", 0) <= resume_step]
       io_utils.write_text(self.path, "".join(keep))
-    from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(os.path.join(directory, "tensorboard"))
+    from tensorboardX.event_file_writer import EventsWriter
+    os.makedirs(os.path.join(directory, "tensorboard"), exist_ok=True)
+    self._tb = EventsWriter(os.path.join(directory, "tensorboard", "events"))
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
       return
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.proto.summary_pb2 import Summary
+    from tensorboardX.summary import scalar
     values = {k: float(np.asarray(v)) for k, v in values.items()}
     with open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps({"step": int(step), **values}, sort_keys=True) + "\n")
-    for k, v in values.items():
-      if np.isfinite(v):
-        self._tb.add_scalar(f"train/{k}", v, int(step))
+    scalars = [tag for k, v in values.items() if np.isfinite(v) for tag in scalar(f"train/{k}", v).value]
+    self._tb.write_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=scalars)))
+    self._tb.flush()
 
   def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    tb, self._tb = self._tb, None  # closed once, even when closing fails
+    if tb is not None:
+      tb.close()
 
 
 def read_metrics(directory: str) -> list[dict]:
