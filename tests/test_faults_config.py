@@ -141,6 +141,25 @@ def test_5_every_stage_checks_its_ranges(mode, field, value, needle):
   assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("mode", ["sample", "select"])
+@pytest.mark.parametrize("overrides, needle", [
+    ({"regulariser.enabled": False}, "guide='null_cond' needs a conditional model trained with"),
+    ({"sample.guide": "separate"}, "guide='separate' needs --config.sample.guide_workdir"),
+    ({"sample.guide": "autoguidance"}, "guide='autoguidance' needs --config.sample.guide_step"),
+], ids=["null_cond without dropout", "separate without workdir", "autoguidance without step"])
+def test_5_a_guide_the_config_cannot_give_is_refused_before_training(mode, overrides, needle):
+  """Found when sample or select loaded the model, after training."""
+  from pso_jax.stages import checks
+  config = load_config("tiny")
+  for field, value in overrides.items():
+    section, name = field.split(".")
+    config[section][name] = value
+  with pytest.raises(UserError, match=needle):
+    checks.check_config(config, [mode])
+  config.sample.guidance, config.select.guidance_step = 1.0, 0.0  # unguided: no guide needed
+  checks.check_config(config, [mode])
+
+
 def test_5_the_variants_pass_and_every_mode_has_a_check():
   from pso_jax.stages import checks
   assert set(checks.CHECKS) == {s.mode for s in stages.STAGES}

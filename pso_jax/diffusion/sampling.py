@@ -96,10 +96,12 @@ def weight_checksum(variables) -> float:
   return float(np.asarray(_checksum(variables))) if variables is not None else 0.0
 
 
-def _guide(config, workdir, net: sampler_lib.Denoiser):
-  """The reference denoiser D_ref of the configured guidance."""
-  from pso_jax.models.presets import cond_dim, model_input_shape
+def check_guide(config, guided: bool) -> None:
+  """What the configured guide needs from the config alone (checked before any work)."""
+  from pso_jax.models.presets import cond_dim
   s = config.sample
+  if not guided:
+    return
   if s.guide == "null_cond":
     dropout = config.regulariser.enabled and config.regulariser.cond_dropout > 0
     require(cond_dim(config) > 0 and dropout,
@@ -107,10 +109,22 @@ def _guide(config, workdir, net: sampler_lib.Denoiser):
             "dropout (config.regulariser.cond_dropout > 0), which this one is not; use "
             "--config.sample.guide=separate with --config.sample.guide_workdir=<unconditional "
             "run>, or --config.sample.guidance=1")
-    return sampler_lib.null_condition_guide(net)
-  if s.guide == "separate":
+  elif s.guide == "separate":
     require(bool(s.guide_workdir), "config.sample.guide='separate' needs "
             "--config.sample.guide_workdir=<workdir of an unconditional model>")
+  else:
+    require(int(s.guide_step) >= 0, "config.sample.guide='autoguidance' needs "
+            "--config.sample.guide_step=<an earlier checkpoint step of this model>")
+
+
+def _guide(config, workdir, net: sampler_lib.Denoiser):
+  """The reference denoiser D_ref of the configured guidance."""
+  from pso_jax.models.presets import model_input_shape
+  check_guide(config, guided=True)
+  s = config.sample
+  if s.guide == "null_cond":
+    return sampler_lib.null_condition_guide(net)
+  if s.guide == "separate":
     guide_config = workdir_lib.load_config(s.guide_workdir)
     require(guide_config.model.cond == "uncond",
             f"the guide in {s.guide_workdir!r} is a {guide_config.model.cond!r} model; "
@@ -120,8 +134,6 @@ def _guide(config, workdir, net: sampler_lib.Denoiser):
             f"this model on {model_input_shape(config)}; train the guide on the same data")
     model, variables = denoiser.load_denoiser(guide_config, s.guide_workdir, ema_std=s.ema_std)
     return sampler_lib.unconditional_guide(sampler_lib.flax_denoiser(model, variables))
-  require(int(s.guide_step) >= 0, "config.sample.guide='autoguidance' needs "
-          "--config.sample.guide_step=<an earlier checkpoint step of this model>")
   model, variables = denoiser.load_denoiser(config, workdir, ema_std=s.ema_std, step=int(s.guide_step))
   return sampler_lib.flax_denoiser(model, variables)
 

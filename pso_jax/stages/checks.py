@@ -170,20 +170,24 @@ def check_train_classifier(config) -> None:
   count(config, "evaluate.bootstrap")  # the test AUROC's confidence interval
 
 
-def check_sample(config) -> None:
+def _sampling(config, guided: bool) -> None:
+  """What the sample and select stages share: the sampler and its guide."""
   sampling.check_sample_config(config)
-  count(config, "sample.grid")
   number(config, "sample.guidance", 0)
   number(config, "sample.ema_std", 0, hint=" (0: the raw weights)")
+  sampling.check_guide(config, guided)
+
+
+def check_sample(config) -> None:
+  count(config, "sample.grid")
+  _sampling(config, guided=float(config.sample.guidance) != 1.0)
 
 
 def check_select(config) -> None:
-  sampling.check_sample_config(config)
-  number(config, "sample.guidance", 0)
-  number(config, "sample.ema_std", 0, hint=" (0: the raw weights)")
-  selection.SelectionRule.from_config(config)
+  rule = selection.SelectionRule.from_config(config)
   count(config, "select.chunk_images")
   number(config, "select.guidance_floor", 0)
+  _sampling(config, guided=any(g != 1.0 for g in rule.guidances()))
 
 
 def check_audit(config) -> None:
