@@ -87,8 +87,13 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 def _quiet_libraries(record) -> bool:
   """Without --verbosity, the libraries' INFO lines (absl, tfds, orbax, the JAX backend probe)
-  are hidden; their warnings and pso_jax's own lines still show."""
-  return record.levelno >= std_logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+  are hidden, and their warnings and errors show as one line each, without a traceback (orbax's
+  threads log one per failed write; pso_jax's own error says what failed). pso_jax's own lines
+  show as they are."""
+  if record.pathname.startswith(_PACKAGE_DIR):
+    return True
+  record.exc_info = record.exc_text = record.stack_info = None
+  return record.levelno >= std_logging.WARNING
 
 
 def _inside(path, folder) -> bool:
