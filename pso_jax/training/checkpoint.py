@@ -4,13 +4,16 @@ Layout under `diffusion/`:
   checkpoints/<step>/{state, data_iter, meta}   orbax, atomic (written to a temporary folder and
                                                 renamed when complete), the newest N kept;
   ema_snapshots/ema-<nimg>-<std>.npz            EMA weights every snapshot_images, kept for
-                                                post-hoc reconstruction of any EMA width.
+                                                post-hoc reconstruction of any EMA width;
+  corrupt_checkpoints/<step>/                   checkpoints that did not restore (a truncated
+                                                file, a broken JSON), set aside by a resume.
 A checkpoint at step s holds the state after s updates; training resumes with update s + 1.
 Every process calls save and restore (orbax coordinates them); process 0 writes the snapshots.
 Arrays are restored straight into the shardings of the target (any mesh, any process count);
 data_iter holds one grain state per process, which only the same process layout can use, so meta
 also records the sample stream's layout and start (the train loop in stages/train.py: a resume on
-another layout starts the loaders at global batch s instead).
+another layout starts the loaders at global batch s instead). A resume or a sampler takes the newest
+checkpoint that restores (`restore_newest`), naming each one it passes over.
 """
 
 import errno
