@@ -91,7 +91,9 @@ BAD = [
     ("train", "mesh.fsdp", 0, "fsdp=0 must be >= 1"),
     ("train_reid", "reid.batch_size", 0, ">= 1"),
     ("train_reid", "reid.scans_per_patient", 1, ">= 2"),
-    ("train_reid", "reid.batch_size", 18, "multiple of config.reid.scans_per_patient=4"),
+    ("train_reid", "reid.scans_per_patient", 3, "multiple of config.reid.scans_per_patient=3"),
+    ("train_reid", "reid.batch_size", 20, "not divisible by the 8 devices"),  # after train
+    ("evaluate", "classifier.batch_size", 12, "not divisible by the 8 devices"),
     ("train_reid", "reid.lr", -1e-3, "> 0"),
     ("train_reid", "reid.temperature", 0.0, "> 0"),
     ("train_reid", "reid.target_fpr", 0.0, "in (0, 1)"),
@@ -168,6 +170,11 @@ def test_5_the_variants_pass_and_every_mode_has_a_check():
   config = load_config("tiny")
   config.audit.weight_bound, config.audit.tau = -1.0, -1.0  # the "use the default" values
   checks.check_config(config, ["audit"])
+  # the mesh is checked only where it is used: a report needs no devices of the training run's
+  config.mesh.data = 64
+  checks.check_config(config, ["prepare", "audit", "report"])
+  with pytest.raises(UserError, match="mesh"):
+    checks.check_config(config, ["train_classifier"])
 
 
 # ---------------------------------------------------------------- item 6: config.json

@@ -81,10 +81,18 @@ def choice(config, field: str, options) -> None:
 
 
 def _common(config) -> None:
-  """What every stage uses: the seed (numpy generators refuse negative ones) and the mesh."""
+  """What every stage uses: the seed (numpy generators refuse negative ones)."""
   count(config, "seed", 0)
   count(config, "data.worker_count", 0, " (0 = load in this process)")
-  parallel.make_mesh(config.mesh)  # its axes fit the devices
+
+
+def _batch_over_mesh(config, field: str) -> None:
+  """The mesh fits the devices and the batch size `field` splits evenly over it (the stages that
+  train or sample use config.mesh; a report on a laptop needs none of the training run's GPUs)."""
+  shards = parallel.batch_shards(parallel.make_mesh(config.mesh))
+  v = _value(config, field)
+  require(v % shards == 0, f"config.{field}={v} is not divisible by the {shards} devices the mesh "
+          f"splits a batch over; choose a multiple of {shards} (or a smaller --config.mesh.data)")
 
 
 def check_prepare(config) -> None:
@@ -138,6 +146,7 @@ def _cnn(config, section: str) -> None:
   choice(config, section + ".norm", _NORMS)
   for field in ("image_size", "width", "batch_size"):
     count(config, f"{section}.{field}")
+  _batch_over_mesh(config, section + ".batch_size")
   numbers(config, section + ".blocks", None, 1)
   number(config, section + ".crop_min_scale", 0, 1, low_open=True)
   number(config, section + ".lr", 0, low_open=True)
@@ -173,6 +182,7 @@ def check_train_classifier(config) -> None:
 def _sampling(config, guided: bool) -> None:
   """What the sample and select stages share: the sampler and its guide."""
   sampling.check_sample_config(config)
+  parallel.make_mesh(config.mesh)
   number(config, "sample.guidance", 0)
   number(config, "sample.ema_std", 0, hint=" (0: the raw weights)")
   sampling.check_guide(config, guided)
