@@ -191,8 +191,9 @@ def _recipe():
   a.query_block = 1024
   a.ref_block = 16384
   a.dtype = "float32"              # float32 | bfloat16 inputs (fp32 accumulate, fp32 re-score)
-  a.weight_bound = -1.0            # <0: 1 / n_train_patients
-  a.risk_bound = 0.05              # verdict: residual-risk upper CI must stay below
+  a.weight_bound = -1.0            # share of patients in (0, 1]; <0: 1 / n_train_patients
+  a.risk_bound = 0.05              # verdict: residual-risk upper CI must stay below (a probability
+                                   # in (0, 1): 0.05 is 5%)
   a.canaries = 0                   # plant this many exact + near copies (tests / demo check)
   a.canary_noise = 4.0             # near copies: Gaussian noise std in grey levels
   a.canary_shift = 1               # near copies: shift in pixels
