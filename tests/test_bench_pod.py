@@ -173,6 +173,17 @@ def test_memory_bytes_of_a_sliced_parameter_are_the_slice():
   assert whole - entry_only == pytest.approx(4096 * 512 * BF16 - block)
 
 
+def test_tile_padding_by_hand():
+  # layout {0,1}: dim 0 is the most minor and is rounded to the tile's 128, dim 1 to its 8
+  [(array, padded)] = roofline.tiled_arrays("f32[100,6]{0,1:T(8,128)}")
+  assert array.bytes == 100 * 6 * F32 and padded == 128 * 8 * F32
+  # a 3x3 kernel with 5 input channels: channels 5 -> 8 (second most minor), 128 stays
+  [(_, padded)] = roofline.tiled_arrays("bf16[3,3,5,128]{3,2,1,0:T(8,128)(2,1)}")
+  assert padded == 3 * 3 * 8 * 128 * BF16
+  pads = roofline.tile_padding(TPU_MODULE)
+  assert pads["parameters_logical"] <= pads["parameters_padded"]
+
+
 def test_roofline_arithmetic():
   chip = roofline.CHIPS["v5p"]
   # 10 ms of matmuls, 20 ms of HBM traffic, 5 ms of ICI (half the bidirectional figure sends)

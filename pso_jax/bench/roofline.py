@@ -535,6 +535,51 @@ def analyse_hlo(text: str, num_devices: int) -> HloStats:
                   any((n or 0) > 1 for n in trips.values()))
 
 
+# ----------------------------------------------------------------------------- tiles
+
+
+_LAYOUT = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]\{([\d,]*):?((?:T\([\d,]+\))*)")
+
+
+def tiled_arrays(shape_text: str) -> list:
+  """(Array, padded bytes) of each array of a shape text with TPU tiled layouts: the first tile
+  T(a, b) rounds the two most minor dimensions (in the layout's minor-to-major order) up to
+  multiples of a and b; an array without a tile is not padded."""
+  out = []
+  for dtype, dims, minor_to_major, tiles in _LAYOUT.findall(shape_text):
+    array = Array(dtype, tuple(int(d) for d in dims.split(",") if d))
+    padded = list(array.dims)
+    first = re.match(r"T\(([\d,]+)\)", tiles)
+    order = [int(v) for v in minor_to_major.split(",") if v]
+    if first and padded and len(order) == len(padded):
+      tile = [int(v) for v in first.group(1).split(",")]
+      for t, axis in zip(reversed(tile), order):  # the tile's last entry is the most minor
+        padded[axis] = -(-padded[axis] // t) * t
+    out.append((array, DTYPE_BYTES.get(dtype, 4) * math.prod(padded)))
+  return out
+
+
+def tile_padding(text: str, min_bytes: float = 2 ** 20, top: int = 5) -> dict:
+  """Logical vs tile-padded bytes of the entry's parameters (the state and the batch), and the
+  results (of at least `min_bytes`) that padding inflates the most."""
+  comps, entry = parse_module(text)
+  params = [i for i in comps.get(entry, []) if i.opcode == "parameter"]
+  logical = padded = 0.0
+  for inst in params:
+    for array, nbytes in tiled_arrays(inst.shape):
+      logical += array.bytes
+      padded += nbytes
+  worst = {}
+  for body in comps.values():
+    for inst in body:
+      for array, nbytes in tiled_arrays(inst.shape):
+        if array.bytes >= min_bytes and nbytes > array.bytes * 1.05:
+          key = f"{array.dtype}{list(array.dims)}"
+          worst[key] = max(worst.get(key, 0.0), nbytes / array.bytes)
+  return dict(parameters_logical=logical, parameters_padded=padded,
+              most_padded=sorted(worst.items(), key=lambda kv: -kv[1])[:top])
+
+
 # ----------------------------------------------------------------------------- roofline
 
 
