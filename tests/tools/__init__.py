@@ -1,0 +1,1 @@
+"""Helpers for running and measuring the test suite (not tests themselves)."""
