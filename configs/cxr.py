@@ -33,6 +33,8 @@ def _recipe():
   d.path_style = "auto"            # auto | cxr8 | chexpert | mimic | csv: how patient ids are read
   d.split_fractions = (0.8, 0.1, 0.1)
   d.split_seed = 42
+  d.attacker_patients = 0          # the last this many patients form the attacker split: set aside
+                                   # for the audit's independent re-id attacker, in no other split
   d.single_label_train_val = True  # reference rule: train/val keep single-label rows, test multi
   d.batch_size = 32                # loader batch for prepare / feature extraction
   d.worker_count = 0               # grain workers (0 = in-process)
@@ -224,7 +226,8 @@ def _demo(c):
   d.image_size = 32
   d.channels = 1
   d.batch_size = 64
-  d.phantom.num_patients = 420
+  d.phantom.num_patients = 520     # the last 100 are the attacker split: the others split as before
+  d.attacker_patients = 100
   d.phantom.scans_per_patient = 4
   # a test split as large as the training split: the audit's control is a patient-disjoint
   # holdout of the released set's size (~690 images each), and the test AUROC is less noisy
@@ -300,6 +303,9 @@ def _tiny(c):
   c.reid.embed_shifts = 0
   c.classifier.image_size = 16
   c.classifier.width = 8
+  # no attacker split: tests that prepare their own filelists with this config would lose patients
+  # to it (tests of the reid attacker set data.attacker_patients themselves)
+  d.attacker_patients = 0
   c.classifier.batch_size = 16
   c.classifier.steps = 20
   c.sample.steps = 4

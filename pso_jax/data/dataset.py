@@ -6,7 +6,7 @@ import numpy as np
 
 from pso_jax import io_utils
 from pso_jax.data import builder
-from pso_jax.data.filelists import SPLITS
+from pso_jax.data.filelists import ALL_SPLITS
 from pso_jax.errors import UserError
 
 COMPLETE = io_utils.COMPLETE  # written last by prepare
@@ -24,8 +24,8 @@ def is_complete(workdir: str) -> bool:
 
 
 def _check(workdir: str, split: str) -> str:
-  if split not in SPLITS:
-    raise UserError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+  if split not in ALL_SPLITS:
+    raise UserError(f"unknown split {split!r}; use one of {', '.join(ALL_SPLITS)}")
   if not is_complete(workdir):
     raise UserError(f"{data_dir(workdir)} holds no complete dataset; run "
                     f"--mode=prepare with --workdir={workdir} first")

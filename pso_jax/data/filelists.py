@@ -27,6 +27,11 @@ from pso_jax.errors import UserError
 
 NUM_LABELS = 8
 SPLITS = ("train", "val", "test")
+# patients set aside for the audit's independent re-identification attacker
+# (config.data.attacker_patients): in none of the reference splits, so no model of the pipeline
+# and no holdout of the audit sees them
+ATTACKER = "attacker"
+ALL_SPLITS = SPLITS + (ATTACKER,)
 
 PATH_STYLES = {
     # images/00000006_000.png -> 00000006
@@ -218,19 +223,29 @@ def _shuffle_split(items: np.ndarray, test_size: float, seed: int):
   return items[perm[n_test:]], items[perm[:n_test]]
 
 
-def split_patients(patient_ids, fractions=(0.8, 0.1, 0.1), seed: int = 42) -> dict[str, np.ndarray]:
-  """Unique patient ids (in order of first appearance) -> {split: ids}, reference procedure."""
+def split_patients(patient_ids, fractions=(0.8, 0.1, 0.1), seed: int = 42,
+                   attacker_patients: int = 0) -> dict[str, np.ndarray]:
+  """Unique patient ids (in order of first appearance) -> {split: ids}, reference procedure.
+
+  The last `attacker_patients` patients in input order form the attacker split; the reference
+  procedure splits the others, so a phantom grown by that many patients keeps its splits."""
   f_train, f_val, f_test = (float(x) for x in fractions)
   if min(f_train, f_val, f_test) <= 0 or abs(f_train + f_val + f_test - 1) > 1e-6:
     raise UserError(f"config.data.split_fractions={tuple(fractions)} must be three positive "
                     "fractions summing to 1, e.g. (0.8, 0.1, 0.1)")
   ids = unique_in_order(patient_ids)
+  n_attacker = int(attacker_patients)
+  if not 0 <= n_attacker <= len(ids) - 3:
+    raise UserError(f"config.data.attacker_patients={attacker_patients} must be between 0 and "
+                    f"{max(len(ids) - 3, 0)}: the {len(ids)} patients must leave at least 3 for "
+                    "train/val/test")
+  ids, attacker = ids[:len(ids) - n_attacker], ids[len(ids) - n_attacker:]
   if len(ids) < 3:
     raise UserError(f"only {len(ids)} patient(s): a patient-disjoint train/val/test split needs "
                     "at least 3 patients")
   train, rest = _shuffle_split(ids, f_val + f_test, seed)
   val, test = _shuffle_split(rest, f_test / (f_val + f_test), seed)
-  return {"train": train, "val": val, "test": test}
+  return {"train": train, "val": val, "test": test, ATTACKER: attacker}
 
 
 def check_patient_disjoint(splits: dict[str, Table]) -> None:
@@ -244,18 +259,20 @@ def check_patient_disjoint(splits: dict[str, Table]) -> None:
 
 
 def keep_rows(labels: np.ndarray, split: str, single_label_train_val: bool = True) -> np.ndarray:
-  """Reference rule: rows need a positive label; train/val keep exactly one."""
+  """Reference rule: rows need a positive label; train/val keep exactly one (and the attacker
+  split, which is trained on like train)."""
   positives = labels.sum(axis=1)
-  if single_label_train_val and split in ("train", "val"):
+  if single_label_train_val and split in ("train", "val", ATTACKER):
     return positives == 1
   return positives >= 1
 
 
 def split_rows(table: Table, data_config) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   """Row positions of each patient-disjoint split (in table order) and rows dropped by the rules."""
-  by_split = split_patients(table.patient_ids, data_config.split_fractions, data_config.split_seed)
+  by_split = split_patients(table.patient_ids, data_config.split_fractions, data_config.split_seed,
+                            data_config.attacker_patients)
   rows, dropped = {}, {}
-  for name in SPLITS:
+  for name in ALL_SPLITS:
     mine = np.isin(table.patient_ids, by_split[name])
     keep = mine & keep_rows(table.labels, name, data_config.single_label_train_val)
     rows[name] = np.flatnonzero(keep)

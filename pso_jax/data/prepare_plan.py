@@ -111,7 +111,7 @@ _NOT_IN_RECORDS = ("worker_count", "batch_size", "filelist", "csv", "path_style"
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-  """Records cached in one file: table rows (ascending), the SPLITS number of each, each one's
+  """Records cached in one file: table rows (ascending), the ALL_SPLITS number of each, each one's
   position in train+val+test order (the latents' noise stream), and the file's content key."""
   rows: np.ndarray
   split: np.ndarray
@@ -135,8 +135,9 @@ def _chunk_ends(paths, size: int) -> list[int]:
 
 def plan_chunks(config, plan: Plan) -> list[Chunk]:
   """The records to prepare, in table order, cut into content-keyed chunks."""
-  rows = np.concatenate([plan.rows[s] for s in filelists.SPLITS])
-  split = np.repeat(np.arange(len(filelists.SPLITS)), [len(plan.rows[s]) for s in filelists.SPLITS])
+  rows = np.concatenate([plan.rows[s] for s in filelists.ALL_SPLITS])
+  split = np.repeat(np.arange(len(filelists.ALL_SPLITS)),
+                    [len(plan.rows[s]) for s in filelists.ALL_SPLITS])
   order = np.argsort(rows, kind="stable")
   rows, split, index = rows[order], split[order], order  # order[i]: position of row i's record
   what = {k: v for k, v in config.data.to_dict().items() if k not in _NOT_IN_RECORDS}
@@ -186,7 +187,7 @@ def _latents(config, imgs: np.ndarray, chunk: Chunk) -> np.ndarray:
 
 def _split_chunks(chunks: list[Chunk], partial: str, split: str, keys=None):
   """The cached arrays (all, or `keys`) of one split's records, in record order, chunk by chunk."""
-  k = filelists.SPLITS.index(split)
+  k = filelists.ALL_SPLITS.index(split)
   for chunk in chunks:
     mine = chunk.split == k
     if mine.any():
@@ -210,7 +211,7 @@ def _features(config, plan: Plan, chunks: list[Chunk], partial: str) -> dict[str
   if plan.file_features is not None:
     return plan.file_features
   raw, size = {}, int(config.data.prepare_chunk)
-  for split in filelists.SPLITS:
+  for split in filelists.ALL_SPLITS:
     # batches of prepare_chunk records in split order: a float32 matmul rounds differently for
     # other batch shapes, and the features must not depend on how the cache was cut
     images = (c["image"] for c in _split_chunks(chunks, partial, split, ["image"]))
@@ -257,7 +258,7 @@ def make_card(config, plan: Plan, feats: dict[str, np.ndarray], pixel_scaling: d
               seconds: float) -> dict:
   d = config.data
   splits = {}
-  for split in filelists.SPLITS:
+  for split in filelists.ALL_SPLITS:
     t = plan.table.take(plan.rows[split])
     splits[split] = {
         "records": len(t), "patients": int(len(np.unique(t.patient_ids))),
@@ -283,7 +284,9 @@ def card_markdown(card: dict) -> str:
            f"{'x'.join(map(str, card['image_shape']))}; latent {card['latent']}; features "
            f"{card['features']['kind']} ({card['features']['dim']}-d).",
            f"Patient-disjoint split {card['split_fractions']} (seed {card['split_seed']}); train "
-           "and val keep single-label rows, test keeps multi-label rows.",
+           "and val keep single-label rows, test keeps multi-label rows; the attacker split (the "
+           "last patients of the input, set aside for the audit's independent attacker) keeps "
+           "single-label rows.",
            _scaling_line(card["pixel_scaling"]), "",
            "| split | records | patients | multi-label | dropped | " + " | ".join(findings) + " |",
            "|---" * (5 + len(findings)) + "|"]
@@ -324,11 +327,12 @@ def build(config, plan: Plan, workdir: str) -> dict:
   stage = os.path.join(partial, "stage")
   if os.path.exists(stage):
     shutil.rmtree(stage)  # an interrupted assembly: rebuilt from the cached chunks (fast)
+  # tfds refuses an empty split: no attacker split is written when none was asked for
   builder.write(stage, _record_spec(config, feats),
                 {s: (lambda s=s: _examples(plan, chunks, partial, s, feats[s]))
-                 for s in filelists.SPLITS},
+                 for s in filelists.ALL_SPLITS if s != filelists.ATTACKER or len(plan.rows[s])},
                 scratch_dir=os.path.join(partial, "tfds_scratch"))
-  for split in filelists.SPLITS:
+  for split in filelists.ALL_SPLITS:
     io_utils.write_npy(os.path.join(stage, f"features_{split}.npy"), feats[split])
     filelists.write_filelist(os.path.join(stage, f"{split}.txt"), plan.table.take(plan.rows[split]))
   pixel_scaling = _pixel_scaling(chunks, partial)
