@@ -207,6 +207,24 @@ def _recipe():
   a.chance_match_rate = 0.01       # >0: raise tau so at most this share of training images
                                    # match another training patient (1-vs-N calibration)
   a.gallery = 8                    # most similar pairs shown side by side
+  # independent attackers (docs/method.md §8.1): the verdict comes from these; selection's own
+  # re-id model is audited too, as a self-check outside the verdict. reid: a re-id model trained on
+  # the attacker split (needs data.attacker_patients > 0); features: the pseudo-conditioning space
+  # (not for data.features.kind=file); pixels: downsampled, normalised images
+  a.attackers = ("pixels",)
+  a.attacker_model = ""            # "": train the reid attacker on the attacker split; else the
+                                   # folder of a trained re-id model (reid.json, checkpoint/,
+                                   # patients.txt)
+  a.attacker_seed = 7              # the reid attacker's seed (init, batches): not selection's
+  a.pixel_size = 16                # pixels attacker: images average-pooled to this side
+  a.test_size = 0.05               # the verdict's false-alarm rate (Holm over all attackers' tests)
+  # --mode=audit_power: null releases (real images of unseen patients) and leaking ones (a share of
+  # them replaced by near copies of training images), each audited like the release
+  a.power_draws = 40               # releases per arm
+  a.power_shares = (0.005, 0.01, 0.02, 0.05, 0.1)
+  a.power_size = -1                # images per release (<0: the release's size)
+  a.power_unselected = True        # also audit the generator with selection off (one sample per
+                                   # training image; run in a workdir without the regulariser too)
 
   # ---------------------------------------------------------------- evaluation
   c.evaluate = ev = ml_collections.ConfigDict()
@@ -273,6 +291,7 @@ def _demo(c):
   c.select.chunk_images = 64
   c.audit.query_block = 256
   c.audit.ref_block = 1024
+  c.audit.attackers = ("reid", "features", "pixels")
   c.evaluate.bootstrap = 200
   return c
 
@@ -284,6 +303,9 @@ def _tiny(c):
   d.image_size = 16
   d.batch_size = 16
   d.phantom.num_patients = 40
+  # no attacker split: tests that prepare their own filelists with this config would lose patients
+  # to it (tests of the reid attacker set data.attacker_patients themselves)
+  d.attacker_patients = 0
   d.phantom.scans_per_patient = 3
   d.split_fractions = (0.8, 0.1, 0.1)
   d.features.dim = 16
@@ -303,9 +325,6 @@ def _tiny(c):
   c.reid.embed_shifts = 0
   c.classifier.image_size = 16
   c.classifier.width = 8
-  # no attacker split: tests that prepare their own filelists with this config would lose patients
-  # to it (tests of the reid attacker set data.attacker_patients themselves)
-  d.attacker_patients = 0
   c.classifier.batch_size = 16
   c.classifier.steps = 20
   c.sample.steps = 4
@@ -315,6 +334,10 @@ def _tiny(c):
   c.select.chunk_images = 4
   c.audit.query_block = 32
   c.audit.ref_block = 64
+  c.audit.attackers = ("features", "pixels")
+  c.audit.pixel_size = 8
+  c.audit.power_draws = 4
+  c.audit.power_shares = (0.1,)
   c.evaluate.bootstrap = 50
   return c
 

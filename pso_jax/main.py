@@ -46,7 +46,7 @@ def setup_jax(config) -> None:
 
 def modes_of(mode: str) -> list:
   """The stages `--mode` runs, in order."""
-  return [s.mode for s in stages.STAGES] if mode == "pipeline" else [stages.stage(mode).mode]
+  return list(stages.PIPELINE) if mode == "pipeline" else [stages.stage(mode).mode]
 
 
 def run_modes(config, workdir: str, modes: list, **options) -> dict:

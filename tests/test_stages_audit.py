@@ -15,7 +15,7 @@ from pso_jax.privacy import canaries as canaries_lib
 from pso_jax.data import release as synthetic_set
 from pso_jax.data import phantom
 from pso_jax.errors import UserError
-from pso_jax.report import audit_report, html
+from pso_jax.report import html
 
 
 class FourierEmbedder:
@@ -47,10 +47,8 @@ def test_canaries_flagged_and_named_unseen_real_not(phantom_sets, tmp_path):
   audited, planted = canaries_lib.plant(unseen["image"], train["image"], train["patient_id"], 12,
                                         seed=1, noise=4.0, shift=1, contrast=1.15)
   assert sorted(set(planted.kind)) == sorted(canaries_lib.KINDS)
-  out = tmp_path / "audit"
   result = audit_lib.audit_images(config, str(tmp_path), audited, embedder=FourierEmbedder(),
                                   canaries=planted, train=train, holdout=holdout)
-  audit_report.write(str(out), result, audited, train["image"])
   c = result["canaries"]
   assert c["all_flagged"] and c["named"] == 12 and c["singled_out"] == 12
   assert all(v["n"] == 3 and v["named"] == v["singled_out"] == 3 for v in c["by_kind"].values())
@@ -67,11 +65,6 @@ def test_canaries_flagged_and_named_unseen_real_not(phantom_sets, tmp_path):
   sims = e.embed(audited).astype(np.float64) @ e.embed(train["image"]).astype(np.float64).T
   assert s["attack"]["value"] == pytest.approx(np.mean(
       [len(set(train["patient_id"][row >= e.tau])) == 1 for row in sims]))
-  saved = json.load(open(out / "audit.json"))
-  assert saved["summary"]["attack"]["successes"] == 12 and len(saved["evidence"]) == len(audited)
-  page = open(out / "audit.html").read()
-  refs = html.referenced_files(page)
-  assert len(refs) == 3 and all(os.path.getsize(out / r) > 1000 for r in refs)
 
 
 def test_control_is_not_flagged_without_copies(phantom_sets, tmp_path):
@@ -155,16 +148,28 @@ def test_stage_with_trained_reid_and_canaries(tiny_trained_workdir, tmp_path):
   assert os.path.exists(os.path.join(out, "COMPLETE"))
   saved = json.load(open(os.path.join(out, "audit.json")))
   assert saved["meta"]["n_audited"] == len(val["image"]) + 4
+  assert set(saved["attackers"]) == set(config.audit.attackers) | {"self_check"}
+  # the self-check is selection's model at its tau; the attackers have their own
+  own = saved["attackers"]["self_check"]["meta"]
   reid_tau = json.load(open(os.path.join(wd, "reid", "reid.json")))["tau"]
-  assert saved["meta"]["tau_given"] == pytest.approx(reid_tau)
-  assert saved["meta"]["tau"] >= saved["meta"]["tau_given"]  # 1-vs-N calibration only raises it
-  assert saved["summary"]["memorisation_1to1"]["n"] == len(val["image"]) + 4
-  rows = saved["canaries"]["rows"]
+  assert own["tau_given"] == pytest.approx(reid_tau) and not own["independent"]
+  assert own["tau"] >= own["tau_given"]  # 1-vs-N calibration only raises it
+  assert summary["memorisation_1to1"]["n"] == len(val["image"]) + 4
+  assert set(summary["attackers"]) == set(config.audit.attackers)
+  assert {t["attacker"] for t in summary["tests"]} == set(config.audit.attackers)
+  rows = saved["attackers"]["self_check"]["canaries"]["rows"]
   exact = [r for r in rows if r["kind"] == "exact"]
   assert exact and all(r["named"] and r["similarity"] > 0.999 for r in exact)
-  names = [e["name"] for e in saved["evidence"]]
+  for name in saved["attackers"]:  # an exact copy is at similarity 1 in every space
+    exact = [r for r in saved["attackers"][name]["canaries"]["rows"] if r["kind"] == "exact"]
+    assert all(r["similarity"] > 0.999 for r in exact), name
+  names = [e["name"] for e in saved["attackers"]["pixels"]["evidence"]]
   assert sum(n.startswith("canary:") for n in names) == 4
   assert summary == saved["summary"]
+  page = open(os.path.join(out, "audit.html")).read()
+  refs = html.referenced_files(page)
+  assert len(refs) == 3 + len(saved["attackers"])  # the figures and one gallery per attacker
+  assert all(os.path.getsize(os.path.join(out, r)) > 1000 for r in refs)
   card = json.load(open(os.path.join(wd, "release", "card.json")))  # the verdict goes on the card
   assert card["audit"]["verdict"] == summary["verdict"] and card["audit"]["planted_canaries"] == 4
   assert stages.get_stage("audit")(config, wd) == summary  # complete: returns at once

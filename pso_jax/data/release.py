@@ -146,9 +146,9 @@ METHOD = (
     "rest the one whose predicted findings agree best with the real image's was kept and carries "
     "that image's findings as labels. File names are random tokens and the list is in name order: "
     "neither says which real image or patient an image came from.")
-AUDIT_FIGURES = ("verdict", "verdict_rule", "risk_bound", "weight_bound", "confidence", "attack",
-                 "control", "residual_risk", "baseline_at_weight_bound", "reidentified",
-                 "memorisation_1to1")
+AUDIT_FIGURES = ("verdict", "verdict_rule", "decided_by", "headline_attacker", "attackers", "dcr",
+                 "risk_bound", "weight_bound", "confidence", "attack", "control", "residual_risk",
+                 "baseline_at_weight_bound", "reidentified", "memorisation_1to1")
 
 
 def selection_card(config, summary: dict) -> dict:

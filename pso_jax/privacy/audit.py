@@ -7,6 +7,7 @@ image set (a release, canaries, a holdout) with the re-identification model and 
 released set; `report.audit_report` writes the result's files.
 """
 
+import dataclasses
 import os
 import time
 from typing import Optional
@@ -15,10 +16,10 @@ import jax
 import numpy as np
 
 from pso_jax import io_utils
-from pso_jax.privacy import canaries as canaries_lib
-from pso_jax.search import pairwise
-from pso_jax.privacy import pso
 from pso_jax.errors import UserError
+from pso_jax.privacy import canaries as canaries_lib
+from pso_jax.privacy import dcr, pso
+from pso_jax.search import pairwise
 
 SUBDIR = "audit"             # the audit stage's folder under the workdir
 RESULT_FILE = "audit.json"   # its result, written by report.audit_report.write
@@ -56,20 +57,20 @@ def check_tau(tau: float, top: float = 1.0) -> None:
                     "calibrated tau (config.audit.tau=-1) or a value inside the range")
 
 
-def check_inputs(audited, train, train_patients, holdout, holdout_patients, tau: float):
-  """Every bad-input case as one UserError before any search runs. Returns cleaned arrays."""
-  for name, x in (("audited set", audited), ("training set", train), ("holdout set", holdout)):
+def _check_reference(train, train_patients, holdout, holdout_patients):
+  for name, x in (("training set", train), ("holdout set", holdout)):
     if len(x) == 0:
       raise UserError(f"the {name} is empty; the audit needs images in it")
-  audited = pairwise.check_embeddings("audited embeddings", audited)
-  d = audited.shape[1]
-  train = pairwise.check_embeddings("training embeddings", train, d)
-  holdout = pairwise.check_embeddings("holdout embeddings", holdout, d)
+  train = pairwise.check_embeddings("training embeddings", train)
+  holdout = pairwise.check_embeddings("holdout embeddings", holdout, train.shape[1])
   train_patients = _patient_ids("training set", train_patients, len(train))
   holdout_patients = _patient_ids("holdout set", holdout_patients, len(holdout))
   check_patients(train_patients, holdout_patients)
-  check_tau(tau, float(max(np.linalg.norm(x, axis=1).max() for x in (audited, train, holdout)) ** 2))
-  return audited, train, train_patients, holdout, holdout_patients
+  return train, train_patients, holdout, holdout_patients
+
+
+def _max_norm_sq(*arrays) -> float:
+  return float(max(np.linalg.norm(x, axis=1).max() for x in arrays) ** 2)
 
 
 # ----------------------------------------------------------------------------- the audit
@@ -80,34 +81,53 @@ def _search_options(config, mesh):
               mesh=mesh, ring=bool(a.ring))
 
 
-def _other_patient_nn(train, train_ids, n_queries: int, seed: int, opts) -> np.ndarray:
-  """For sampled training images: similarity to the nearest image of another training patient."""
-  rng = np.random.default_rng(seed)
-  pick = np.sort(rng.choice(len(train), min(n_queries, len(train)), replace=False))
-  per_patient = int(np.bincount(train_ids).max())
-  if len(np.unique(train_ids)) < 2:
+def _nearest_other_patient(refs, ids, rows, opts) -> np.ndarray:
+  """For the reference images `rows`: similarity to the nearest reference of another patient."""
+  if len(rows) == 0 or len(np.unique(ids)) < 2:
     return np.zeros(0, np.float32)
-  k = min(len(train), per_patient + 1)
-  sims, idx = pairwise.knn(train[pick], train, k, **opts)
-  other = train_ids[idx] != train_ids[pick][:, None]
-  return sims[np.arange(len(pick)), np.argmax(other, axis=1)]
+  k = min(len(refs), int(np.bincount(ids).max()) + 1)
+  sims, idx = pairwise.knn(refs[rows], refs, k, **opts)
+  other = ids[idx] != ids[rows][:, None]
+  return sims[np.arange(len(rows)), np.argmax(other, axis=1)]
 
 
-def audit_embeddings(config, audited, train, train_patients, holdout, holdout_patients, tau: float,
-                     *, mesh=None, source_sims=None) -> dict:
-  """The PSO audit on embeddings. Returns {evidence, summary, arrays (for figures), meta}."""
-  audited, train, train_patients, holdout, holdout_patients = check_inputs(
-      audited, train, train_patients, holdout, holdout_patients, tau)
+@dataclasses.dataclass
+class Reference:
+  """The audit's side that does not depend on the audited set, in one embedding space: training
+  and holdout embeddings with their patients, tau after the 1-vs-N calibration, and the control's
+  searches (so that many audited sets, e.g. audit_power's releases, share one)."""
+  train: np.ndarray
+  train_ids: np.ndarray            # int patient of each training image
+  train_names: np.ndarray          # patient id of each int
+  holdout: np.ndarray
+  hold_ids: np.ndarray
+  hold_names: np.ndarray
+  tau: float
+  tau_given: float
+  weight_bound: float
+  opts: dict
+  train_other: np.ndarray          # sampled training images: nearest other training patient
+  control: np.ndarray              # holdout rows whose predicates form the control
+  ctl_train: pairwise.PatientSearch
+  ctl_hold_other: np.ndarray       # control images: nearest holdout image of another patient
+  control_flags: dict              # pso.singling_out of the control
+  seconds: float
+
+
+def reference(config, train, train_patients, holdout, holdout_patients, tau: float, n_audited: int,
+              *, mesh=None) -> Reference:
+  """Checks the reference sets and tau, calibrates tau on training patients, runs the control."""
+  train, train_patients, holdout, holdout_patients = _check_reference(
+      train, train_patients, holdout, holdout_patients)
+  check_tau(tau, _max_norm_sq(train, holdout))
   a = config.audit
   opts = _search_options(config, mesh)
-  k = min(int(a.top_k), len(train))
-  count_k = int(a.count_k)
   train_names, train_ids = np.unique(train_patients, return_inverse=True)
   hold_names, hold_ids = np.unique(holdout_patients, return_inverse=True)
-  n_train_pat, n_hold_pat = len(train_names), len(hold_names)
-  weight_bound = pso.resolve_weight_bound(float(a.weight_bound), n_train_pat)
   start = time.time()
-  train_other = _other_patient_nn(train, train_ids, int(a.train_queries), int(config.seed), opts)
+  rng = np.random.default_rng(int(config.seed))
+  sampled = np.sort(rng.choice(len(train), min(int(a.train_queries), len(train)), replace=False))
+  train_other = _nearest_other_patient(train, train_ids, sampled, opts)
   tau_given = tau
   if a.chance_match_rate > 0 and len(train_other):
     # 1-vs-N calibration on training patients only: at most this share of training images match
@@ -115,27 +135,48 @@ def audit_embeddings(config, audited, train, train_patients, holdout, holdout_pa
     tau = max(tau, float(np.quantile(train_other.astype(np.float64), 1 - a.chance_match_rate)))
     tau = float(np.nextafter(np.float32(tau), np.float32(np.inf)))
 
-  # attack: released images' predicates against training and holdout patients
-  syn_train = pairwise.patient_search(audited, train, train_ids, tau, k, count_k=count_k, **opts)
-  syn_hold = pairwise.patient_search(audited, holdout, hold_ids, tau, 1, count_k=count_k, **opts)
-  attack = pso.singling_out(syn_train.n_patients_matched, syn_hold.n_patients_matched,
-                            n_hold_pat, weight_bound)
-
   # control: predicates from real holdout images (as many as audited), same procedure
   rng = np.random.default_rng(int(config.seed))
-  ctrl = np.sort(rng.choice(len(holdout), min(len(holdout), len(audited)), replace=False))
-  ctl_train = pairwise.patient_search(holdout[ctrl], train, train_ids, tau, 1, count_k=count_k,
-                                      **opts)
-  ctl_hold = pairwise.patient_search(holdout[ctrl], holdout, hold_ids, tau, 1, count_k=count_k,
-                                     **opts)
+  ctrl = np.sort(rng.choice(len(holdout), min(len(holdout), n_audited), replace=False))
+  ctl_train = pairwise.patient_search(holdout[ctrl], train, train_ids, tau, 1,
+                                      count_k=int(a.count_k), **opts)
+  ctl_hold = pairwise.patient_search(holdout[ctrl], holdout, hold_ids, tau, 1,
+                                     count_k=int(a.count_k), **opts)
   own = np.einsum("nd,nd->n", holdout[ctrl].astype(np.float64), holdout[ctrl].astype(np.float64))
-  control = pso.singling_out(ctl_train.n_patients_matched, ctl_hold.n_patients_matched,
-                             n_hold_pat, weight_bound, own_holdout_matched=own >= tau)
-  search_seconds = time.time() - start
+  weight_bound = pso.resolve_weight_bound(float(a.weight_bound), len(train_names))
+  control_flags = pso.singling_out(ctl_train.n_patients_matched, ctl_hold.n_patients_matched,
+                                   len(hold_names), weight_bound, own_holdout_matched=own >= tau)
+  control_flags["search"] = ctl_hold
+  return Reference(train, train_ids, train_names, holdout, hold_ids, hold_names, float(tau),
+                   float(tau_given), weight_bound, opts, train_other, ctrl, ctl_train,
+                   _nearest_other_patient(holdout, hold_ids, ctrl, opts), control_flags,
+                   time.time() - start)
 
-  summary = pso.summarise(attack["singles_out"], control["singles_out"],
-                          n_train_patients=n_train_pat, weight_bound=weight_bound,
-                          risk_bound=float(a.risk_bound), attack_isolates=attack["isolates"],
+
+def attack(config, ref: Reference, audited, *, source_sims=None, clusters=None,
+           evidence: bool = True) -> dict:
+  """The PSO audit and the DCR test of `audited` embeddings against a Reference. Returns
+  {summary, dcr, evidence (per image; [] unless `evidence`), meta, arrays (for figures)}.
+  clusters: the patient behind each audited image where known (the DCR errors are clustered by
+  it), else None."""
+  if len(audited) == 0:
+    raise UserError("the audited set is empty; the audit needs images in it")
+  audited = pairwise.check_embeddings("audited embeddings", audited, ref.train.shape[1])
+  check_tau(ref.tau_given, _max_norm_sq(audited, ref.train, ref.holdout))
+  a = config.audit
+  opts, start = ref.opts, time.time()
+  k, count_k = min(int(a.top_k), len(ref.train)), int(a.count_k)
+  n_hold_pat = len(ref.hold_names)
+  syn_train = pairwise.patient_search(audited, ref.train, ref.train_ids, ref.tau, k,
+                                      count_k=count_k, **opts)
+  syn_hold = pairwise.patient_search(audited, ref.holdout, ref.hold_ids, ref.tau, 1,
+                                     count_k=count_k, **opts)
+  attack_flags = pso.singling_out(syn_train.n_patients_matched, syn_hold.n_patients_matched,
+                                  n_hold_pat, ref.weight_bound)
+  control, ctl_train, ctrl = ref.control_flags, ref.ctl_train, ref.control
+  summary = pso.summarise(attack_flags["singles_out"], control["singles_out"],
+                          n_train_patients=len(ref.train_names), weight_bound=ref.weight_bound,
+                          risk_bound=float(a.risk_bound), attack_isolates=attack_flags["isolates"],
                           control_isolates=control["isolates"])
   if len(ctrl) < len(audited):
     summary["warnings"].append(
@@ -148,49 +189,69 @@ def audit_embeddings(config, audited, train, train_patients, holdout, holdout_pa
   summary["nn_similarity_percentiles"] = {
       name: {str(p): float(np.percentile(v, p)) for p in (50, 75, 90, 95, 99)}
       for name, v in (("synthetic_train", syn_train.best_sim), ("holdout_train", ctl_train.best_sim),
-                      ("train_train_other_patient", train_other)) if len(v)}
+                      ("train_train_other_patient", ref.train_other)) if len(v)}
   if source_sims is not None:
-    summary["memorisation_1to1"] = pso.memorisation_rate(source_sims, tau)
+    summary["memorisation_1to1"] = pso.memorisation_rate(source_sims, ref.tau)
+  dcr_stats = dcr.statistics(syn_train.best_sim, syn_hold.best_sim, ctl_train.best_sim,
+                             ref.ctl_hold_other, clusters=clusters,
+                             control_clusters=ref.hold_ids[ctrl])
 
-  matched = [[str(train_names[p]) for p in row[row >= 0]] for row in syn_train.matched_patients]
-  evidence = []
-  for i in range(len(audited)):
-    evidence.append({
+  names = ref.train_names
+  rows = []
+  for i in range(len(audited) if evidence else 0):
+    matched = syn_train.matched_patients[i]
+    rows.append({
         "index": i,
-        "nearest_patient": str(train_names[syn_train.best_patient[i]]),
+        "nearest_patient": str(names[syn_train.best_patient[i]]),
         "nearest_train_index": int(syn_train.topk_idx[i, 0]),
         "similarity": float(syn_train.best_sim[i]),
+        "nearest_holdout_index": int(syn_hold.topk_idx[i, 0]),
+        "holdout_similarity": float(syn_hold.best_sim[i]),
         "n_patients_matched": int(syn_train.n_patients_matched[i]),
-        "matched_patients": matched[i],
+        "matched_patients": [str(names[p]) for p in matched[matched >= 0]],
         "matched_patients_complete": bool(syn_train.matched_complete[i]),
         "holdout_patients_matched": int(syn_hold.n_patients_matched[i]),
-        "weight_estimate": float(attack["weight"][i]),
-        "isolates": bool(attack["isolates"][i]),
+        "weight_estimate": float(attack_flags["weight"][i]),
+        "isolates": bool(attack_flags["isolates"][i]),
         "reidentified": bool(syn_train.n_patients_matched[i] > 0),
-        "singles_out": bool(attack["singles_out"][i]),
+        "singles_out": bool(attack_flags["singles_out"][i]),
     })
     if source_sims is not None:
-      evidence[-1]["similarity_to_source"] = float(source_sims[i])
+      rows[-1]["similarity_to_source"] = float(source_sims[i])
   meta = {
-      "tau": float(tau), "tau_given": float(tau_given),
+      "tau": ref.tau, "tau_given": ref.tau_given,
       "tau_rule": (f"max(given tau, tau at a {a.chance_match_rate:g} chance match rate between "
                    "training patients)") if a.chance_match_rate > 0 else "given tau",
-      "n_audited": len(audited), "n_train": len(train),
-      "n_holdout": len(holdout), "n_control": len(ctrl), "n_train_patients": n_train_pat,
-      "n_holdout_patients": n_hold_pat, "d": int(audited.shape[1]), "dtype": opts["dtype"],
+      "n_audited": len(audited), "n_train": len(ref.train),
+      "n_holdout": len(ref.holdout), "n_control": len(ctrl),
+      "n_train_patients": len(names), "n_holdout_patients": n_hold_pat,
+      "d": int(audited.shape[1]), "dtype": opts["dtype"],
       "ring": opts["ring"], "top_k": k, "count_k": count_k, "gallery": int(a.gallery),
       "devices": jax.device_count(), "processes": jax.process_count(),
       "exactness": "exact: candidates re-scored in float64, top-k and patient counts certified "
                    "against the GEMM error bound, uncertified queries re-searched (fp32, then "
                    "float64 brute force)",
       "kernel": {"synthetic_train": syn_train.stats, "synthetic_holdout": syn_hold.stats,
-                 "control_train": ctl_train.stats, "control_holdout": ctl_hold.stats},
-      "search_seconds": search_seconds,
+                 "control_train": ctl_train.stats, "control_holdout": control["search"].stats},
+      "search_seconds": ref.seconds + time.time() - start,
   }
   arrays = {"synthetic_nn": syn_train.best_sim, "holdout_nn": ctl_train.best_sim,
-            "train_other_nn": train_other, "nearest_train_index": syn_train.topk_idx[:, 0],
-            "singles_out": attack["singles_out"], "control_singles_out": control["singles_out"]}
-  return {"summary": summary, "evidence": evidence, "meta": meta, "arrays": arrays}
+            "train_other_nn": ref.train_other, "nearest_train_index": syn_train.topk_idx[:, 0],
+            "synthetic_holdout_nn": syn_hold.best_sim,
+            "nearest_holdout_index": syn_hold.topk_idx[:, 0],
+            "control_holdout_nn": ref.ctl_hold_other, "singles_out": attack_flags["singles_out"],
+            "control_singles_out": control["singles_out"]}
+  return {"summary": summary, "dcr": dcr_stats, "evidence": rows, "meta": meta, "arrays": arrays}
+
+
+def audit_embeddings(config, audited, train, train_patients, holdout, holdout_patients, tau: float,
+                     *, mesh=None, source_sims=None, clusters=None) -> dict:
+  """The PSO audit and DCR test on embeddings (`reference`, then `attack`)."""
+  if len(audited) == 0:
+    raise UserError("the audited set is empty; the audit needs images in it")
+  ref = reference(config, train, train_patients, holdout, holdout_patients, tau, len(audited),
+                  mesh=mesh)
+  return attack(config, ref, audited, source_sims=source_sims, clusters=clusters)
 
 
 def check_canaries(result: dict, canaries: canaries_lib.Canaries) -> dict:

@@ -40,6 +40,32 @@ def near_copy(image: np.ndarray, kind: str, rng: np.random.Generator, *, noise: 
   return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
+# near copies of a leaking generator (audit_power): a 1-2 px shift, noise, a contrast change, or a
+# blend with another training image
+LEAK_KINDS = ("shift", "noise", "contrast", "blend")
+
+
+def leaking_copies(train_images: np.ndarray, n: int, rng: np.random.Generator, *, noise: float,
+                   contrast: float, blend: float = 0.3):
+  """n near copies of distinct random training images, the LEAK_KINDS in rotation.
+  Returns (copies uint8 [n, ...], the training image each one copies)."""
+  if n > len(train_images):
+    raise UserError(f"{n} near copies need as many training images, there are {len(train_images)}")
+  src = rng.choice(len(train_images), n, replace=False)
+  copies = []
+  for i, s in enumerate(src):
+    kind = LEAK_KINDS[i % len(LEAK_KINDS)]
+    if kind == "blend":
+      other = train_images[rng.integers(len(train_images))].astype(np.float32)
+      mixed = (1 - blend) * train_images[s].astype(np.float32) + blend * other
+      copies.append(np.clip(np.rint(mixed), 0, 255).astype(np.uint8))
+    else:
+      copies.append(near_copy(train_images[s], kind, rng, noise=noise,
+                              shift=int(rng.integers(1, 3)), contrast=contrast))
+  shape = (0,) + train_images.shape[1:]
+  return (np.stack(copies) if copies else np.zeros(shape, np.uint8)), src
+
+
 def plant(audited: np.ndarray, train_images: np.ndarray, train_patients, n: int, seed: int, *,
           noise: float, shift: int, contrast: float):
   """Inserts n canaries (kinds in rotation, distinct training images) at random rows.

@@ -71,6 +71,14 @@ def residual_risk(attack: Rate, control: Rate) -> dict:
           "error": error}
 
 
+def excess_p_value(attack: Rate, control: Rate) -> float:
+  """One-sided p-value of "the attack rate exceeds the control's": Fisher's exact test on the two
+  counts (exact when attack and control predicates are exchangeable, as without leakage)."""
+  table = [[attack.successes, attack.n - attack.successes],
+           [control.successes, control.n - control.successes]]
+  return float(scipy_stats.fisher_exact(table, alternative="greater")[1])
+
+
 def cohen_nissim_baseline(n: int, w) -> np.ndarray:
   """Probability that a fixed predicate of weight w isolates one of n i.i.d. rows."""
   w = np.asarray(w, np.float64)
@@ -123,6 +131,7 @@ def summarise(attack_flags, control_flags, *, n_train_patients: int, weight_boun
       "baseline_at_weight_bound": float(cohen_nissim_baseline(n_train_patients, weight_bound)),
       "verdict": "pass" if risk["high"] < risk_bound else "fail",
       "verdict_rule": f"residual-risk upper {confidence:.0%} bound < {risk_bound}",
+      "p_excess": excess_p_value(attack, control),
       "warnings": warnings,
   }
   if attack_isolates is not None:

@@ -24,6 +24,7 @@ from pso_jax.training import augment, supervised
 TAU_MODES = ("fpr", "prob05")
 SUBDIR = "reid"
 RESULT_FILE = "reid.json"
+PATIENTS_FILE = "patients.txt"  # the patients a model was trained on, one per line
 
 
 def supcon_loss(z, labels, temperature: float):

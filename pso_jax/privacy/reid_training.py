@@ -76,12 +76,12 @@ def verification_metrics(model: reid.ReidModel, images, patient_ids, *, max_pair
 
 
 def check_splits(splits: dict, section) -> None:
-  """Patient-disjoint train/val/test, each able to form same- and different-patient pairs."""
-  for name in ("train", "val", "test"):
+  """Patient-disjoint train/val(/test), each able to form same- and different-patient pairs."""
+  for name in ("train", "val"):
     if name not in splits:
       raise UserError(f"re-id training needs the {name} split")
   seen = {}
-  for name in ("train", "val", "test"):
+  for name in [n for n in ("train", "val", "test") if n in splits]:
     for other, patients in seen.items():
       shared = set(patients) & set(np.asarray(splits[name]["patient_id"]).tolist())
       if shared:
@@ -105,19 +105,22 @@ def check_splits(splits: dict, section) -> None:
                     f"got {section.tau_mode!r}")
 
 
-def train_reid(config, splits: dict, out_dir: str, key=None) -> dict:
+def train_reid(config, splits: dict, out_dir: str, key=None, seed=None) -> dict:
   """Trains, checkpoints and calibrates the embedder; `splits[name]` = {"image", "patient_id"}
-  for train, val and test. Returns the result written to reid.json."""
+  for train, val and (optionally: AUC on val otherwise) test. seed: of the initialisation and the
+  batches (default config.seed). Returns the result written to reid.json; the training patients
+  are listed in PATIENTS_FILE beside it."""
   section = config.reid
   check_splits(splits, section)
   train = splits["train"]
   images = np.asarray(train["image"])
   spec = cnn.spec_from_config(section, head="embed", out_dim=section.embed_dim,
                               channels=images.shape[-1])
-  key = jax.random.key(config.seed) if key is None else key
+  seed = int(config.seed if seed is None else seed)
+  key = jax.random.key(seed) if key is None else key
   k_init, k_train = jax.random.split(jax.random.fold_in(key, 0x5e1d))
   sampler = make_sampler(images, train["patient_id"], section.batch_size,
-                         section.scans_per_patient, config.seed)
+                         section.scans_per_patient, seed)
   steps = int(section.steps)
   fitted = supervised.fit(
       model=cnn.build_cnn(spec), variables=cnn.init_cnn(spec, k_init, section.weights),
@@ -127,23 +130,27 @@ def train_reid(config, splits: dict, out_dir: str, key=None) -> dict:
       sampler=sampler, steps=steps, key=k_train, mesh=parallel.make_mesh(config.mesh),
       desc="train_reid", log_every=max(1, min(50, steps // 10)))
   supervised.save_variables(reid.checkpoint_dir(out_dir), fitted.variables)
+  io_utils.write_text(os.path.join(out_dir, reid.PATIENTS_FILE),
+                      "".join(f"{p}\n" for p in np.unique(np.asarray(train["patient_id"]))))
   supervised.write_history(os.path.join(out_dir, "metrics.jsonl"), fitted.history)
 
   model = reid.ReidModel(spec=spec, variables=fitted.variables, tau=float("nan"),
                          embed_shifts=int(section.embed_shifts))
-  common = dict(max_pairs=int(section.max_pairs), resamples=int(section.bootstrap),
-                seed=int(config.seed))
+  common = dict(max_pairs=int(section.max_pairs), resamples=int(section.bootstrap), seed=seed)
   start = time.time()
   val = verification_metrics(model, splits["val"]["image"], splits["val"]["patient_id"],
                              mode=section.tau_mode, target_fpr=section.target_fpr, **common)
-  test = verification_metrics(model, splits["test"]["image"], splits["test"]["patient_id"],
-                              tau=val["tau"], **common)
+  test = None if "test" not in splits else verification_metrics(
+      model, splits["test"]["image"], splits["test"]["patient_id"], tau=val["tau"], **common)
+  shown = test or val  # AUC and rates on held-out pairs where there are some
   return {
       "tau": val["tau"], "tau_mode": section.tau_mode, "target_fpr": float(section.target_fpr),
       "tau_provenance": f"calibrated on {val['n_different']} different-patient and "
                         f"{val['n_same']} same-patient VAL pairs ({section.tau_mode})",
-      "auc": test["auc"], "auc_ci": test["auc_ci"], "tpr": test["tpr"], "fpr": test["fpr"],
-      "val": val, "test": test, "model": spec.to_dict(),
+      "auc": shown["auc"], "auc_ci": shown["auc_ci"], "tpr": shown["tpr"], "fpr": shown["fpr"],
+      "auc_on": "test" if "test" in splits else "val",
+      "val": val, "test": test, "model": spec.to_dict(), "seed": seed,
+      "data_image_shape": list(images.shape[1:]),
       "embed_shifts": int(section.embed_shifts), "steps": steps,
       "final_loss": fitted.history[-1]["loss"], "train_seconds": fitted.seconds,
       "eval_seconds": time.time() - start, "checkpoint": reid.checkpoint_dir(out_dir)}
@@ -154,8 +161,8 @@ def load_splits(workdir: str, keys=("image", "patient_id")) -> dict:
   return {name: dataset.load_arrays(workdir, name, keys) for name in ("train", "val", "test")}
 
 
-def train_and_write(config, splits: dict, out_dir: str) -> dict:
+def train_and_write(config, splits: dict, out_dir: str, seed=None) -> dict:
   """train_reid, then its result (reid.json) and the COMPLETE marker in out_dir."""
-  result = utility.as_json(train_reid(config, splits, out_dir))
+  result = utility.as_json(train_reid(config, splits, out_dir, seed=seed))
   io_utils.finish_stage(out_dir, reid.RESULT_FILE, result)
   return result

@@ -65,6 +65,10 @@ def headline(r: dict) -> dict:
       "pso_control_ci": [_dig(audit, "control", "low"), _dig(audit, "control", "high")],
       "pso_residual_risk": risk.get("value"), "pso_residual_risk_ci": [risk.get("low"), risk.get("high")],
       "pso_verdict": audit.get("verdict"), "pso_verdict_rule": audit.get("verdict_rule"),
+      "audit_headline_attacker": audit.get("headline_attacker"),
+      "audit_decided_by": audit.get("decided_by"),
+      "dcr_share": _dig(audit, "dcr", "share"),
+      "dcr_control_share": _dig(audit, "dcr", "control_share"),
       "irs_synthetic": _dig(irs, "synthetic", "share"), "irs_real": _dig(irs, "real", "share"),
       "irs_ratio": irs.get("ratio"),
       "frechet_synthetic_train": _dig(r, "evaluate", "diversity", "frechet_synthetic_train"),
@@ -131,6 +135,17 @@ def _rate(v, ci, digits=3):
   return html.fmt_ci(v, ci, digits)
 
 
+def _attacker(h: dict) -> str:
+  name = h.get("audit_headline_attacker")
+  return f" (attacker {html.esc(name)})" if name else ""
+
+
+def _decided_by(h: dict) -> str:
+  d = h.get("audit_decided_by")
+  return (f" decided by the {html.esc(d['attacker'])} attacker's {html.esc(d['test'])} test "
+          f"(p = {d['p']:.2g})") if d else ""
+
+
 def _headline_rows(h: dict) -> list:
   return [
       ["mean AUROC, classifier trained on real", _rate(h["real_mean_auroc"], h["real_mean_auroc_ci"])],
@@ -139,11 +154,15 @@ def _headline_rows(h: dict) -> list:
       ["gap synthetic - real (target: within one point)",
        _rate(h["auroc_gap"], h["auroc_gap_ci"]) + " "
        + html.verdict(h["within_one_point"], "within one point", "more than one point below")],
-      ["PSO attack rate (released images that single out)", _rate(h["pso_attack"], h["pso_attack_ci"])],
+      ["privacy verdict (independent attackers)",
+       html.verdict(None if h["pso_verdict"] is None else h["pso_verdict"] == "pass", "PASS", "FAIL")
+       + _decided_by(h) + f" <span class='muted'>({html.esc(h['pso_verdict_rule'])})</span>"],
+      [f"PSO attack rate (released images that single out){_attacker(h)}",
+       _rate(h["pso_attack"], h["pso_attack_ci"])],
       ["PSO control rate (holdout images, chance)", _rate(h["pso_control"], h["pso_control_ci"])],
-      ["PSO residual risk", _rate(h["pso_residual_risk"], h["pso_residual_risk_ci"]) + " "
-       + html.verdict(None if h["pso_verdict"] is None else h["pso_verdict"] == "pass",
-                      "PASS", "FAIL") + f" <span class='muted'>({html.esc(h['pso_verdict_rule'])})</span>"],
+      ["PSO residual risk", _rate(h["pso_residual_risk"], h["pso_residual_risk_ci"])],
+      [f"DCR: share nearer training than holdout, released / control{_attacker(h)}",
+       f"{html.fmt(h.get('dcr_share'))} / {html.fmt(h.get('dcr_control_share'))}"],
       ["image retrieval score: synthetic / real test / ratio",
        f"{html.fmt(h['irs_synthetic'])} / {html.fmt(h['irs_real'])} / {html.fmt(h['irs_ratio'])}"],
       ["Fréchet distance to train: synthetic / real test",

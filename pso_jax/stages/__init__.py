@@ -18,7 +18,7 @@ from pso_jax.data import dataset, release
 from pso_jax.diffusion import denoiser
 from pso_jax.errors import UserError
 from pso_jax.evaluate import classifier, synthetic_utility
-from pso_jax.privacy import audit, reid
+from pso_jax.privacy import audit, power, reid
 
 COMPLETE = io_utils.COMPLETE
 
@@ -32,6 +32,7 @@ class Stage:
   inputs: tuple       # the stages whose outputs it reads
   what: str           # one line
   marker: bool = True  # False: no COMPLETE marker, the stage is redone on every run
+  in_pipeline: bool = True  # False: run only by its own --mode
 
   @property
   def result_path(self) -> str:
@@ -55,7 +56,12 @@ STAGES = (
           "candidates -> re-id rejection -> synthetic set (in release/; records stay here)"),
     Stage("audit", "pso_jax.stages.audit", audit.SUBDIR, audit.RESULT_FILE,
           ("prepare", "train_reid", "select"),
-          "all-pairs PSO audit of the released set (its verdict goes into release/card.*)"),
+          "independent attackers' PSO and DCR audit of the released set, one verdict (into "
+          "release/card.*)"),
+    Stage("audit_power", "pso_jax.stages.audit_power", power.SUBDIR, power.RESULT_FILE,
+          ("prepare", "train_reid", "select", "audit"),
+          "the audit's false-alarm and detection rates on null and leaking releases",
+          in_pipeline=False),
     # the real-data classifier is trained here too when its stage has not run
     Stage("evaluate", "pso_jax.stages.evaluate", synthetic_utility.SUBDIR,
           synthetic_utility.RESULT_FILE, ("prepare", "train_classifier", "select"),
@@ -65,6 +71,7 @@ STAGES = (
           "report.html + results.json", marker=False),
 )
 MODES = tuple(s.mode for s in STAGES) + ("pipeline",)
+PIPELINE = tuple(s.mode for s in STAGES if s.in_pipeline)  # what --mode=pipeline runs
 _BY_MODE = {s.mode: s for s in STAGES}
 
 

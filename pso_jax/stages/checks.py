@@ -14,7 +14,7 @@ from pso_jax.data import filelists, latents, prepare_plan
 from pso_jax.diffusion import sampling, train_setup
 from pso_jax.errors import require
 from pso_jax.models import cnn, presets
-from pso_jax.privacy import reid, selection
+from pso_jax.privacy import attackers, reid, selection
 from pso_jax.training import augment
 
 _NORMS = ("batch", "group")
@@ -219,6 +219,7 @@ def check_audit(config) -> None:
   if a.tau >= 0:  # < 0: the re-id model's calibrated threshold
     number(config, "audit.tau", 0, 1, hint=" (a cosine similarity; < 0: the re-id model's)")
   number(config, "audit.chance_match_rate", 0, 1, high_open=True, hint=" (0: off)")
+  attackers.check_config(config)  # the independent attackers, test size, pixel size
 
 
 def check_evaluate(config) -> None:
@@ -232,7 +233,8 @@ def check_report(config) -> None:
 
 CHECKS = {"prepare": check_prepare, "train": check_train, "train_reid": check_train_reid,
           "train_classifier": check_train_classifier, "sample": check_sample,
-          "select": check_select, "audit": check_audit, "evaluate": check_evaluate,
+          "select": check_select, "audit": check_audit, "audit_power": check_audit,
+          "evaluate": check_evaluate,
           "report": check_report}
 
 
