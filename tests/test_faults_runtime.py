@@ -1,6 +1,7 @@
 """Faults at run time of issue 12 (items 7, 8 and 9): a corrupt latest checkpoint, a full or
-read-only disk, a malformed weight file, and the libraries' log lines. Each test plants the fault
-and checks the one clear message, or the right result, that it now gets."""
+read-only disk, a malformed weight file, a patient id that matplotlib would read as math, and the
+libraries' log lines. Each test plants the fault and checks the one clear message, or the right
+result, that it now gets."""
 
 import errno
 import json
@@ -194,6 +195,20 @@ def test_8_malformed_safetensors_header_is_one_error_naming_the_file(tmp_path, h
   path = _safetensors(tmp_path / "net.safetensors", header)
   with pytest.raises(UserError, match=f"{path}: .*download it again"):
     weights.read_safetensors(path)
+
+
+def test_8_a_dollar_in_a_patient_id_is_drawn_as_text(tmp_path):
+  """matplotlib reads text between two $ as math: these raised ValueError (and $x$ came out as
+  an italic x)."""
+  from pso_jax.report import audit_report
+  ids = ["P$1_$", "$$", "id$\\x$"]
+  evidence = [dict(similarity=0.9 - 0.1 * i, holdout_similarity=0.5, nearest_train_index=i,
+                   nearest_holdout_index=i, singles_out=i == 0, nearest_patient=p)
+              for i, p in enumerate(ids)]
+  images = np.zeros((3, 8, 8, 1), np.uint8)
+  path = str(tmp_path / "pairs.png")
+  assert audit_report.closest_pairs(images, images, images, {"evidence": evidence}, 3, path) == [0, 1, 2]
+  assert os.path.getsize(path) > 0
 
 
 # ---------------------------------------------------------------- item 9: logging
