@@ -227,6 +227,36 @@ def compile_train_step(devices, preset: str, batch: int, fsdp: int, grad_accum: 
   return compiled, info
 
 
+def fsdp_check(devices, preset: str, dtype: str, sizes=(1, 2, 4, 8, 16, 32)) -> list:
+  """Per-chip state bytes (parameters, Adam moments, EMA copies) for each FSDP size that divides
+  the chips: what parallel.state_shardings gives, without compiling anything."""
+  from pso_jax import parallel
+  from pso_jax.diffusion import train_setup
+  from pso_jax.models import presets
+  rows = []
+  for fsdp in sizes:
+    if len(devices) % fsdp:
+      continue
+    config = _config(preset, len(devices), fsdp, 1, dtype)
+    mesh = parallel.make_mesh(config.mesh, devices)
+    abstract, shardings = train_setup.abstract_state(presets.build_model(config), config, mesh)
+    rows.append(dict(fsdp=fsdp, **state_bytes(abstract, shardings, int(config.mesh.fsdp_min_size))))
+  return rows
+
+
+def _print_fsdp_check(preset: str, topology: str, rows: list) -> None:
+  print(f"FSDP check: {preset} state per chip on {topology} (parallel.state_shardings, no compile)")
+  base = None
+  for r in rows:
+    parts = {k: r[k] for k in ("params", "opt_state", "ema", "other")}
+    total = sum(v["per_chip"] for v in parts.values())
+    large = sum(v["large_per_chip"] for v in parts.values())
+    small = total - large
+    base = base or (total, large)
+    print(f"  fsdp={r['fsdp']:3d}: {_gib(total)} per chip (/{base[0] / total:.2f} vs fsdp=1); large "
+          f"leaves {_gib(large)} (/{base[1] / max(large, 1):.2f}), replicated small leaves {_gib(small)}")
+
+
 # ----------------------------------------------------------------------------- the audit search
 
 
@@ -619,6 +649,8 @@ def parse(argv):
   p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"),
                  help="the model's activation dtype (config.model.dtype)")
   p.add_argument("--audit", action="store_true", help="compile the audit's all-pairs search instead")
+  p.add_argument("--fsdp_check", action="store_true", help="print the state's bytes per chip for "
+                 "each FSDP size (no compile)")
   p.add_argument("--n", type=int, default=100_000, help="audit: queries")
   p.add_argument("--m", type=int, default=1_000_000, help="audit: references")
   p.add_argument("--d", type=int, default=512, help="audit: embedding dimension")
@@ -652,6 +684,12 @@ def main(argv):
       return None
     if args.hlo_dir:
       os.makedirs(args.hlo_dir, exist_ok=True)
+    if args.fsdp_check:
+      check_libtpu()
+      name, devices, _ = resolve_topology(args.topology)
+      rows = fsdp_check(devices, args.preset, args.dtype)
+      _print_fsdp_check(args.preset, name, rows)
+      return rows
     if args.audit:
       r = run_audit_case(args.topology, args.n, args.m, args.d, args.k, args.audit_dtype, args.ring,
                          args.query_block, args.ref_block, args.hlo_dir)
