@@ -1,11 +1,23 @@
-"""Test set-up: 8 fake CPU devices for every test (meshes of 1 device take jax.devices()[:1])."""
+"""Test set-up: 8 fake CPU devices for every test (meshes of 1 device take jax.devices()[:1]).
 
+PSO_JAX_TEST_MAX_ISA=AVX2 (or SSE4_2) runs the suite as on a CPU without AVX-512: XLA then emits
+only that instruction set, which changes vector widths and so the order of sums; the float
+comparisons must hold either way (tests/tolerances.py). PSO_JAX_TEST_MEMORY_LOG=FILE.jsonl logs
+every test's peak memory (tests/tools/peak_memory.py).
+"""
+
+import contextlib
+import ctypes
+import json
 import os
 import sys
+import time
 
 os.environ.setdefault("PSO_JAX_NO_PROGRESS", "1")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+_MAX_ISA = os.environ.get("PSO_JAX_TEST_MAX_ISA")
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                                _MAX_ISA and f"--xla_cpu_max_isa={_MAX_ISA}",
+                                                "--xla_force_host_platform_device_count=8"]))
 
 import jax  # noqa: E402
 
@@ -79,3 +91,57 @@ def clone_workdir(src: str, dst) -> str:
   import shutil
   shutil.copytree(src, str(dst), ignore=shutil.ignore_patterns("READY"))
   return str(dst)
+
+
+
+# ---------------------------------------------------------------- memory: `-n 2` fits 8 GB
+# glibc keeps freed memory in its heaps (one arena per thread, and XLA runs many), so a worker's
+# RSS only grew from test to test and the full-recipe test peaked at 10 GB. Blocks of 1 MiB and
+# more get their own mapping, given back when freed (glibc would raise this threshold up to 32 MiB
+# after the first large frees), and the heaps are trimmed after every test.
+try:
+  _LIBC = ctypes.CDLL("libc.so.6")
+  _LIBC.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+except OSError:  # not glibc (macOS): nothing to tune
+  _LIBC = None
+_MEMORY_LOG = os.environ.get("PSO_JAX_TEST_MEMORY_LOG")
+if _MEMORY_LOG:
+  from tools import peak_memory
+  _PEAK = peak_memory.TreePeak()
+
+
+@contextlib.contextmanager
+def _machine_share(config, exclusive: bool):
+  """Under pytest-xdist a test marked `exclusive` (most of the memory) or `multiprocess` (its own
+  processes, several GB together) runs while no other worker runs a test: every test holds a lock
+  shared, such a test holds it alone. It first closes a gate that the others pass on their way in,
+  so they queue behind it instead of overtaking it one test after another."""
+  if not os.environ.get("PYTEST_XDIST_WORKER"):
+    yield
+    return
+  import fcntl
+  base = os.path.join(os.path.dirname(str(config.option.basetemp)), "machine_share")
+  mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+  with open(base + ".gate", "a") as gate, open(base + ".lock", "a") as lock:
+    fcntl.flock(gate, mode)
+    fcntl.flock(lock, mode)
+    if not exclusive:
+      fcntl.flock(gate, fcntl.LOCK_UN)
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  start = time.monotonic()
+  exclusive = any(item.get_closest_marker(m) for m in ("exclusive", "multiprocess"))
+  with _machine_share(item.config, exclusive):
+    yield
+  if _LIBC is not None:
+    _LIBC.malloc_trim(0)
+  if _MEMORY_LOG:  # one line per test: this worker's peak RSS, its subprocesses' included
+    line = dict(test=item.nodeid, worker=os.environ.get("PYTEST_XDIST_WORKER", "main"),
+                peak_mb=round(_PEAK.reset() / 2 ** 20),
+                after_mb=round(peak_memory.tree_rss(_PEAK.root) / 2 ** 20),
+                seconds=round(time.monotonic() - start, 1))
+    with open(_MEMORY_LOG, "a") as f:
+      f.write(json.dumps(line) + "\n")

@@ -1,11 +1,17 @@
 """Heun sampler against the closed-form probability-flow ODE of Gaussian data, guidance algebra,
 and independence of the images from device count and batch size."""
 
+import os
+import platform
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tolerances as T
 from pso_jax import parallel
 from pso_jax.diffusion import sampler as S
 
@@ -123,20 +129,54 @@ def make_sampler(mesh, batch_size, guide=True):
                          batch_size=batch_size, mesh=mesh, **SCHEDULE)
 
 
-def test_images_do_not_depend_on_devices_or_batch_size():
+# Two sampler programs (other device count, batch, padding or CPU vector width) agree to the
+# rounding of every toy-net evaluation along a candidate's path (its 3-term condition sum, the
+# tanh), added up: the probability-flow ODE contracts towards the data and does not amplify them.
+LAYOUT_RTOL = T.sequential_rtol(S.evaluations_per_candidate(4, guided=True), T.reduction_rtol(3))
+
+
+def images_in_three_layouts() -> dict:
+  """24 candidates on 1 device in one batch, on 8 devices in batches of 16 (the second padded),
+  and candidate 5 alone on 8 devices (padded to 8)."""
   n = 24
   seeds = np.arange(1000, 1000 + n)
   cond = np.asarray(jax.random.normal(jax.random.key(5), (n, 3)))
   guidance = np.where(np.arange(n) % 2 == 0, 1.2, 0.9)
-  one = make_sampler(parallel.data_mesh(jax.devices()[:1]), batch_size=n)(seeds, cond, guidance)
-  eight = make_sampler(parallel.data_mesh(), batch_size=16)(seeds, cond, guidance)  # 2 batches, padded
   assert len(jax.devices()) == 8
-  np.testing.assert_allclose(eight, one, rtol=0, atol=1e-5)
+  return dict(one=make_sampler(parallel.data_mesh(jax.devices()[:1]), batch_size=n)(seeds, cond, guidance),
+              eight=make_sampler(parallel.data_mesh(), batch_size=16)(seeds, cond, guidance),
+              alone=make_sampler(parallel.data_mesh(), batch_size=8)(seeds[5:6], cond[5:6], guidance[5:6]))
+
+
+def test_images_do_not_depend_on_devices_or_batch_size():
+  images = images_in_three_layouts()
+  T.assert_close(images["eight"], images["one"], LAYOUT_RTOL)
   # a candidate alone gives the same image as inside a batch
-  alone = make_sampler(parallel.data_mesh(), batch_size=8)(seeds[5:6], cond[5:6], guidance[5:6])
-  np.testing.assert_allclose(alone[0], one[5], atol=1e-5)
+  T.assert_close(images["alone"][0], images["one"][5], LAYOUT_RTOL)
   # and different seeds give different images
-  assert np.abs(one[0] - one[2]).mean() > 0.1
+  assert np.abs(images["one"][0] - images["one"][2]).mean() > 0.1
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="AVX2 is an x86 instruction set")
+def test_images_match_on_a_cpu_without_avx512(tmp_path):
+  """The suite runs where the README runs, AVX-512 or not: a subprocess limited to AVX2 (as if on
+  such a CPU; conftest's PSO_JAX_TEST_MAX_ISA) samples the three layouts, which agree with each
+  other and with this process's images, whatever this CPU has, to the layouts' rounding."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, PSO_JAX_TEST_MAX_ISA="AVX2",
+             PYTHONPATH=os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+  env.pop("XLA_FLAGS")  # conftest builds them again, the ISA limit included
+  script = ("import sys, numpy as np, conftest, test_diffusion_sampler as t; "
+            "np.savez(sys.argv[1], **t.images_in_three_layouts())")
+  proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "avx2.npz")], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  avx2 = dict(np.load(tmp_path / "avx2.npz"))
+  T.assert_close(avx2["eight"], avx2["one"], LAYOUT_RTOL)
+  T.assert_close(avx2["alone"][0], avx2["one"][5], LAYOUT_RTOL)
+  for layout, images in images_in_three_layouts().items():
+    T.assert_close(avx2[layout], images, LAYOUT_RTOL, err_msg=f"{layout}: AVX2 vs this CPU")
 
 
 def test_short_batches_pad_to_power_of_two_buckets():
@@ -153,7 +193,8 @@ def test_short_batches_pad_to_power_of_two_buckets():
   full = make_sampler(parallel.data_mesh(jax.devices()[:1]), batch_size=64)(seeds, cond, guidance)
   parts = np.concatenate([one_dev(seeds[:32], cond[:32], guidance[:32]),  # 32, then 5 -> 8
                           one_dev(seeds[32:], cond[32:], guidance[32:])])
-  np.testing.assert_allclose(parts, full, rtol=0, atol=1e-5)
+  T.assert_close(parts, full, LAYOUT_RTOL)  # batches of 32 and 8 vs one of 64
+  T.assert_identical(one_dev(seeds[32:], cond[32:], guidance[32:]), parts[32:])  # same program
   assert one_dev._function(True)._cache_size() == 2  # two shapes compiled: 32 and 8
 
 
@@ -169,7 +210,7 @@ def test_sampler_guided_matches_hand_built_guidance_and_counts():
   ref = lambda x, s, c: net.apply(net.variables, x, s, jnp.zeros_like(c))
   manual = S.heun_sample(lambda x, s, c: net.apply(net.variables, x, s, c), noise, jnp.asarray(cond),
                          steps=4, guidance=1.5, ref_denoise_fn=ref, **SCHEDULE)
-  np.testing.assert_allclose(out, np.asarray(manual), atol=1e-4)  # eager vs fused jit rounding
+  T.assert_close(out, np.asarray(manual), LAYOUT_RTOL)  # eager vs fused jit: other roundings
   sampler.evaluations = 0
   plain = sampler(seeds, cond, 1.0)
   assert sampler.evaluations == n * S.evaluations_per_candidate(4, False)

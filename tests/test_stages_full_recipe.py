@@ -43,6 +43,7 @@ def _write_cxr14(root) -> list[tuple[str, np.ndarray]]:
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive  # ~7 GB (the xs model's state, its step and its checkpoint)
 def test_reference_recipe_end_to_end(tmp_path):
   """One test, so pytest-xdist never prepares the dataset twice."""
   root = str(tmp_path)

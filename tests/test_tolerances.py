@@ -25,6 +25,12 @@ def test_sequential_rtol_adds_per_step():
   assert T.sequential_rtol(7, T.reduction_rtol(4)) == pytest.approx(7 * 8 * T.EPS32)
 
 
+def test_network_rtol_chains_the_layers_fan_in_sums():
+  params = {"conv": np.zeros((3, 3, 8, 16)), "dense": np.zeros((16, 4)), "bias": np.zeros(4)}
+  assert T.network_rtol(params) == pytest.approx(2 * T.reduction_rtol(3 * 3 * 8))
+  assert T.training_rtol(3, 2048) == pytest.approx(3 * 4 * 2048 ** 0.5 * T.EPS32)
+
+
 def test_assert_close_is_relative_to_the_array_scale():
   desired = np.array([4.0, -2.0, 1e-6], np.float32)  # a near-zero element: judged by the scale 4
   T.assert_close(desired + np.float32(0.5e-5 * 4), desired, rtol=1e-5)

@@ -39,6 +39,30 @@ def sequential_rtol(steps: int, per_step: float) -> float:
   return steps * per_step
 
 
+def training_rtol(steps: int, terms: int) -> float:
+  """Losses and weights of two layouts of the same training (devices, FSDP, micro-batches,
+  processes): every weight's gradient is a sum of `terms` (batch x pixels) added in a
+  layout-dependent order, and each step adds that rounding to what the earlier steps left. Compare
+  losses with `assert_close`, weights with `assert_close_normwise`."""
+  return sequential_rtol(steps, reduction_rtol(terms))
+
+
+def network_rtol(params) -> float:
+  """Outputs of one network run by two programs (batch layout, devices, jit vs eager, blocks):
+  each layer (every weight of 2 or more dimensions; arrays or shapes) rounds its fan-in sum in
+  its own order, and the layers chain."""
+  kernels = [w.shape for w in jax.tree.leaves(params) if len(w.shape) >= 2]
+  fan_in = max(math.prod(shape[:-1]) for shape in kernels)
+  return sequential_rtol(len(kernels), reduction_rtol(fan_in))
+
+
+def cnn_rtol(section, channels: int) -> float:
+  """`network_rtol` of the CNN that config.reid or config.classifier (`section`) builds."""
+  from pso_jax.models import cnn
+  spec = cnn.spec_from_config(section, head="logits", out_dim=1, channels=channels)
+  return network_rtol(jax.eval_shape(lambda: cnn.init_cnn(spec, jax.random.key(0))))
+
+
 def _scale(desired) -> float:
   return float(np.max(np.abs(desired))) if np.size(desired) else 0.0
 
