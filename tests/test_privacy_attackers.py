@@ -283,6 +283,24 @@ def phantom_release():
   return config, spaces, train, unseen
 
 
+def test_dcr_is_judged_against_the_control_not_against_one_half():
+  """Training holds three times the holdout's images: any unseen image is nearer training about
+  3/4 of the time. The binomial test against 0.5 fires on such a release that does not leak; the
+  verdict, which compares with the control, does not."""
+  config = load_config("tiny")
+  rng = np.random.default_rng(0)
+  noise = lambda n: rng.integers(0, 256, (n, 4, 4, 1), dtype=np.uint8)
+  train = {"image": noise(240), "patient_id": np.array([f"t{i}" for i in range(240)])}
+  holdout = {"image": noise(80), "patient_id": np.array([f"h{i}" for i in range(80)])}
+  released = noise(150)
+  pixels = attackers.Attacker("pixels", attackers.PixelEmbedder(4), 0.99, "given", {})
+  spaces = release_audit.spaces(config, [pixels], train, holdout, len(released))
+  result = release_audit.audit_release(config, spaces, released)
+  d = result["attackers"]["pixels"]["dcr"]
+  assert d["share"] > 0.65 and d["control_share"] > 0.65 and d["binomial_p"] < 1e-4
+  assert d["p"] > 0.05 and result["summary"]["verdict"] == "pass"
+
+
 def test_null_release_passes_and_near_copies_fail(phantom_release):
   config, spaces, train, unseen = phantom_release
   clusters = unseen["patient_id"]

@@ -35,6 +35,7 @@ def test_phantom_null_images_are_fresh_patients(tiny_trained_workdir):
               for p in dataset.load_arrays(workdir, s, ("patient_id",))["patient_id"]}
   assert not prepared & set(pool["patient_id"])
   assert min(int(p) for p in pool["patient_id"]) > config.data.phantom.num_patients
+  assert np.all(pool["labels"].sum(1) == 1)  # the training split's label rule, as released images
 
 
 def test_other_data_split_the_holdout_by_patient():

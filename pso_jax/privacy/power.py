@@ -37,7 +37,8 @@ def null_pool(config, holdout: dict, prepared_patients: int, needed: int, seed: 
     rows = np.flatnonzero((idx.patient >= prepared_patients)
                           & filelists.keep_rows(idx.labels, "train", d.single_label_train_val))
     images = phantom.render(grown, idx, d.image_size, d.channels, rows)
-    return ({"image": images, "patient_id": idx.patient_ids[rows]}, holdout,
+    return ({"image": images, "patient_id": idx.patient_ids[rows], "labels": idx.labels[rows]},
+            holdout,
             f"{len(rows)} images of freshly drawn phantom patients (numbers above "
             f"{prepared_patients})")
   patients = np.unique(holdout["patient_id"])
