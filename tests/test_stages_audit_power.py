@@ -93,6 +93,15 @@ def test_stage_writes_rates_and_adds_them_to_the_audit_page(tiny_trained_workdir
   assert stages.get_stage("audit_power")(config, wd) == result  # complete: returns at once
 
 
+def test_stage_before_the_audit_is_refused(tiny_trained_workdir, tmp_path):
+  from pso_jax.errors import UserError
+  config, trained = tiny_trained_workdir
+  wd = clone_workdir(trained, tmp_path / "run")
+  with pytest.raises(UserError, match=r"missing: select .*; audit .*Run --mode=pipeline"):
+    stages.get_stage("audit_power")(config, wd)
+  assert not os.path.exists(os.path.join(wd, "audit"))  # refused before any work
+
+
 @pytest.mark.parametrize("field,value", [("power_draws", 0), ("power_shares", (0.0,))])
 def test_bad_power_settings_are_refused(phantom_release, field, value):  # noqa: F811
   from pso_jax.errors import UserError

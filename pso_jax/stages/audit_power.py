@@ -16,6 +16,7 @@ from absl import logging
 
 from pso_jax import stages
 from pso_jax.data import dataset, release
+from pso_jax.errors import UserError
 from pso_jax.privacy import attackers, audit, power, release_audit
 from pso_jax.report import audit_report
 
@@ -25,10 +26,14 @@ def run(config, workdir: str, **_) -> dict:
   if finished is not None:
     return finished
   attackers.check_config(config)
+  missing = stages.missing_inputs(workdir, "audit_power")
+  if missing:  # the audit's attackers (its reid model) and verdict are read: it must have run
+    raise UserError(f"audit_power measures the audit of {workdir!r}; missing: "
+                    + "; ".join(missing) + ". Run --mode=pipeline (or the missing --mode=...) first")
   size = int(config.audit.power_size)
   if size < 0:
     size = len(release.load_released(workdir)["paths"])
-  train = audit.load_real(workdir, "train")
+  train = dataset.load_arrays(workdir, "train", keys=("image", "patient_id", "labels", "feature"))
   val = audit.load_real(workdir, "val")
   # phantom null images come from patients numbered above every prepared one
   pool, holdout, source = power.null_pool(config, release_audit.load_holdout(config, workdir),
@@ -41,7 +46,6 @@ def run(config, workdir: str, **_) -> dict:
   result = power.run(config, spaces, train, pool, size, seed=int(config.seed),
                      log=logging.info)
   if config.audit.power_unselected:
-    train = dataset.load_arrays(workdir, "train", keys=("image", "patient_id", "labels", "feature"))
     images = power.unselected_release(config, workdir, train)
     found = release_audit.audit_release(config, spaces, images, clusters=train["patient_id"],
                                         evidence=False)["summary"]
