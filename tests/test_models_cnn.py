@@ -7,6 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import tolerances as T
 from pso_jax import parallel
 from pso_jax.models import cnn
 from pso_jax.models.batched_apply import FrozenNetwork
@@ -77,10 +78,10 @@ def test_sharded_fit_equals_one_device():
   # on a (data 4, fsdp 2) mesh the batch is split over both axes, as on (data 8, fsdp 1)
   one = _fit(_mesh(1), "batch")
   for eight in (_fit(_mesh(8), "batch"), _fit(_mesh(8, fsdp=2), "batch")):
-    assert [h["loss"] for h in one.history] == pytest.approx([h["loss"] for h in eight.history],
-                                                             rel=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
-                 one.variables, eight.variables)
+    rtol = T.training_rtol(3, 8 * 8 * 8)  # 3 steps; a gradient sums 8 images x 64 pixels
+    T.assert_close([h["loss"] for h in eight.history], np.array([h["loss"] for h in one.history]),
+                   rtol)
+    T.assert_close_normwise(eight.variables, one.variables, rtol)
 
 
 def test_orbax_round_trip_and_batched_apply(tmp_path):
@@ -97,9 +98,8 @@ def test_orbax_round_trip_and_batched_apply(tmp_path):
   embeddings = net(images)
   assert embeddings.shape == (11, 6) and embeddings.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)  # embed head
-  np.testing.assert_allclose(embeddings,
-                             model.apply(variables, cnn.preprocess(images, spec), train=False),
-                             rtol=1e-5, atol=1e-6)
+  T.assert_close(embeddings, model.apply(variables, cnn.preprocess(images, spec), train=False),
+                 T.network_rtol(variables))  # batches of 8 on 8 devices vs one call
 
 
 def test_ten_crop_prediction_is_the_mean_over_explicit_crops():
@@ -118,7 +118,7 @@ def test_ten_crop_prediction_is_the_mean_over_explicit_crops():
   for y, x in ((0, 0), (0, 1), (1, 0), (1, 1), (0, 0)):  # 4 corners; centre of 9 -> offset 0
     crop = big[:, y:y + 8, x:x + 8]
     probs += [apply(crop), apply(np.flip(crop, axis=2).copy())]
-  np.testing.assert_allclose(got, np.mean(probs, axis=0), rtol=1e-5, atol=1e-6)
+  T.assert_close(got, np.mean(probs, axis=0), T.network_rtol(variables))
 
 
 def test_plateau_matches_torch_reduce_lr_on_plateau():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import signal
 
+import tolerances as T
 from pso_jax.models import mp_layers
 from pso_jax.models.mp_layers import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize
 from pso_jax.models.unet import Block, resample
@@ -113,7 +114,7 @@ def test_project_mp_weights_is_idempotent_and_touches_only_mp_weights():
   assert float(once["block"]["emb_gain"]) == pytest.approx(0.3)
   # jittable and a pure function of its input
   jitted = jax.jit(mp_layers.project_mp_weights)(params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), once, jitted)
+  T.assert_close(jitted, once, T.reduction_rtol(36))  # other fusion: each norm sums <= 36 squares
 
 
 def test_is_mp_weight_on_key_paths_and_names():

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tolerances as T
 from conftest import load_config
 from pso_jax.errors import UserError
 from pso_jax.models import presets
@@ -182,8 +183,9 @@ def test_uncond_model_under_jit_any_batch_matches_per_image(tiny):
   apply = jax.jit(lambda v, x, s: model.apply(v, x, s, None))
   d, logvar = apply(v, x, sigma)
   d0, logvar0 = apply(v, x[:1], sigma[:1])  # images are independent of each other
-  np.testing.assert_allclose(d[:1], d0, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(logvar[:1], logvar0, rtol=1e-5)
+  # a batch of 3 and a batch of 1 are two programs: the network's rounding
+  T.assert_close(d[:1], d0, T.network_rtol(v))
+  T.assert_close(logvar[:1], logvar0, T.network_rtol(v))
 
 
 def test_bfloat16_activations_track_float32(tiny, tiny_apply):

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import tolerances as T
 from pso_jax.privacy import selection as sel
 from pso_jax import io_utils
 from pso_jax.privacy import selection_workdir
@@ -159,7 +160,8 @@ def test_selection_rejects_every_linked_candidate_and_keeps_the_best_survivor():
     images = generate(seeds, inputs.conditions[[i] * len(rows)], np.full(len(rows), rows[0]["guidance"]))
     n_matched, _, best_sim = check(inputs.embed(images))
     assert [r["n_patients_matched"] for r in rows] == n_matched.tolist()
-    np.testing.assert_allclose([r["nearest_sim"] for r in rows], best_sim, atol=2e-6)
+    T.assert_close([r["nearest_sim"] for r in rows], best_sim,
+                   T.reduction_rtol(inputs.real_embeddings.shape[1]))  # float32 vs float64 dots
     assert rows[0]["guidance"] == RULE.guidances()[round_]
     outcomes = [r["outcome"] for r in rows]
     for r in rows:
