@@ -99,6 +99,10 @@ def test_stage_before_the_audit_is_refused(tiny_trained_workdir, tmp_path):
   wd = clone_workdir(trained, tmp_path / "run")
   with pytest.raises(UserError, match=r"missing: select .*; audit .*Run --mode=pipeline"):
     stages.get_stage("audit_power")(config, wd)
+  val = dataset.load_arrays(wd, "val", keys=("image", "path"))
+  _write_released(wd, val["image"], list(val["path"]), np.arange(len(val["image"])))
+  with pytest.raises(UserError, match=r"missing: audit \("):  # selected, not audited yet
+    stages.get_stage("audit_power")(config, wd)
   assert not os.path.exists(os.path.join(wd, "audit"))  # refused before any work
 
 
