@@ -467,10 +467,51 @@ class HloStats:
 _SLICING = ("dynamic-slice", "slice", "gather")
 
 
+def _users(body: list) -> dict:
+  out = {}
+  for i in body:
+    for o in i.operands:
+      out.setdefault(o, []).append(i)
+  return out
+
+
+def _params(body: list) -> dict:
+  out = {}
+  for i in body:
+    if i.opcode == "parameter":
+      n = re.match(r"\s*(\d+)", i.rest)
+      if n:
+        out[int(n.group(1))] = i.name
+  return out
+
+
+def _read_bytes(name: str, body: list, comps: dict, all_bytes: dict, depth: int = 0) -> float:
+  """Bytes a fused computation reads of its value `name`: the parts its slices return, followed
+  through bitcasts and nested fusions; all of it as soon as any other op uses it."""
+  full = all_bytes.get(name, 0.0)
+  if any(i.root and i.name == name for i in body):
+    return full  # returned as it is: read whole
+  total = 0.0
+  for u in _users(body).get(name, []):
+    if u.opcode in _SLICING and u.operands[:1] == [name]:
+      total += all_bytes.get(u.name, 0.0)
+    elif u.opcode == "bitcast":
+      total += _read_bytes(u.name, body, comps, all_bytes, depth)
+    elif u.opcode == "fusion" and depth < 4:
+      inner = comps.get(next((t for a, t in u.calls() if a == "calls"), None), [])
+      params = _params(inner)
+      for index, operand in enumerate(u.operands):
+        if operand == name and index in params:
+          total += _read_bytes(params[index], inner, comps, all_bytes, depth + 1)
+    else:
+      return full
+  return min(total, full)
+
+
 def _bytes_moved(inst: Instruction, comps: dict, all_bytes: dict) -> float:
   """Bytes an executed instruction reads and writes: its operands and its result, except that a
-  slice (or a fusion parameter only sliced) reads just the part it returns and a
-  dynamic-update-slice writes just the update in place."""
+  slice (or a fusion operand that is only sliced, through bitcasts and nested fusions) reads
+  just the part it returns and a dynamic-update-slice writes just the update in place."""
   ops = inst.operands
   out = all_bytes.get(inst.name, 0.0)
   if inst.opcode in _SLICING:
@@ -479,32 +520,26 @@ def _bytes_moved(inst: Instruction, comps: dict, all_bytes: dict) -> float:
     return 2 * sum(all_bytes.get(o, 0.0) for o in ops[1:])
   if inst.opcode != "fusion":
     return out + sum(all_bytes.get(o, 0.0) for o in ops)
-  called = next((t for a, t in inst.calls() if a == "calls"), None)
-  body = comps.get(called, [])
-  params = {}
-  for i in body:
-    if i.opcode == "parameter":
-      n = re.match(r"\s*(\d+)", i.rest)
-      if n:
-        params[int(n.group(1))] = i.name
-  users = {}
-  for i in body:
-    for o in i.operands:
-      users.setdefault(o, []).append(i)
+  body = comps.get(next((t for a, t in inst.calls() if a == "calls"), None), [])
+  if not body:
+    return out + sum(all_bytes.get(o, 0.0) for o in ops)
+  params = _params(body)
+  users = _users(body)
   root = next((i for i in body if i.root), None)
-  if root is not None and root.opcode == "dynamic-update-slice" and len(root.operands) > 1:
-    out = all_bytes.get(root.operands[1], 0.0)  # in place: only the update is written
+  in_place = root is not None and root.opcode == "dynamic-update-slice" and len(root.operands) > 1
+  if in_place:
+    out = all_bytes.get(root.operands[1], 0.0)  # only the update is written
   total = out
   for index, o in enumerate(ops):
     p = params.get(index)
-    use = users.get(p, []) if p else []
-    if use and all(u.opcode in _SLICING and u.operands[:1] == [p] for u in use):
-      total += sum(all_bytes.get(u.name, 0.0) for u in use)
-    elif use and root is not None and all(u is root for u in use) and root.opcode == \
-        "dynamic-update-slice" and root.operands[:1] == [p]:
+    if p is None:
+      total += all_bytes.get(o, 0.0)
+    elif in_place and root.operands[:1] == [p] and users.get(p) == [root]:
       continue  # the buffer updated in place is not read
     else:
-      total += all_bytes.get(o, 0.0)
+      # the parameter has the operand's shape: read as much of it as the computation reads
+      total += min(all_bytes.get(o, 0.0), _read_bytes(p, body, comps, all_bytes)) \
+          if all_bytes.get(p) == all_bytes.get(o) else all_bytes.get(o, 0.0)
   return total
 
 
