@@ -173,6 +173,41 @@ def test_memory_bytes_of_a_sliced_parameter_are_the_slice():
   assert whole - entry_only == pytest.approx(4096 * 512 * BF16 - block)
 
 
+NESTED = """HloModule nested
+
+%inner (big.2: bf16[4096,512], at.2: s32[]) -> bf16[1024,512] {
+  %big.2 = bf16[4096,512]{1,0} parameter(0)
+  %flat.2 = bf16[4096,512]{1,0} bitcast(%big.2)
+  %at.2 = s32[] parameter(1)
+  %zero.4 = s32[] constant(0)
+  ROOT %part.2 = bf16[1024,512]{1,0} dynamic-slice(%flat.2, %at.2, %zero.4), dynamic_slice_sizes={1024,512}
+}
+
+%outer (big.3: bf16[4096,512], at.3: s32[], q.3: bf16[256,512]) -> f32[256,1024] {
+  %big.3 = bf16[4096,512]{1,0} parameter(0)
+  %at.3 = s32[] parameter(1)
+  %q.3 = bf16[256,512]{1,0} parameter(2)
+  %block.3 = bf16[1024,512]{1,0} fusion(%big.3, %at.3), kind=kLoop, calls=%inner
+  ROOT %dot.3 = f32[256,1024]{1,0} dot(%q.3, %block.3), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+}
+
+ENTRY %main.2 (r: bf16[4096,512], i: s32[], q: bf16[256,512]) -> f32[256,1024] {
+  %r = bf16[4096,512]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %q = bf16[256,512]{1,0} parameter(2)
+  ROOT %s.1 = f32[256,1024]{1,0} fusion(%r, %i, %q), kind=kOutput, calls=%outer
+}
+"""
+
+
+def test_a_slice_inside_a_nested_fusion_reads_the_slice():
+  stats = roofline.analyse_hlo(NESTED, num_devices=1)
+  # reads the [1024, 512] bf16 block (through a bitcast, in a nested fusion), the index, the
+  # [256, 512] queries; writes [256, 1024] f32
+  assert stats.memory_bytes == 1024 * 512 * BF16 + 4 + 256 * 512 * BF16 + 256 * 1024 * F32
+  assert stats.matmul_flops == 2 * 256 * 1024 * 512
+
+
 def test_tile_padding_by_hand():
   # layout {0,1}: dim 0 is the most minor and is rounded to the tile's 128, dim 1 to its 8
   [(array, padded)] = roofline.tiled_arrays("f32[100,6]{0,1:T(8,128)}")
