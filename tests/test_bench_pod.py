@@ -56,6 +56,9 @@ def test_collectives_and_flops_of_a_compiled_cpu_program():
   # the loop's matmul: 7 steps x 2 x [128,128] x [128,64]; XLA's cost analysis counts one step
   assert stats.matmul_flops == pytest.approx(7 * 2 * 128 * 128 * 64)
   assert stats.loops_counted_once
+  # the per-instruction list carries the same FLOPs and ICI bytes, loops multiplied through
+  assert sum(m * f for m, f, _, _ in stats.ops) == pytest.approx(stats.matmul_flops)
+  assert sum(m * t for m, _, _, t in stats.ops) == pytest.approx(stats.ici_traffic_bytes)
 
 
 def test_convolution_flops_count_only_taps_that_meet_the_input():
@@ -230,6 +233,13 @@ def test_roofline_arithmetic():
   assert est["mfu"] == pytest.approx(0.008 / 0.020)
   assert est["mfu_serial"] == pytest.approx(0.008 / 0.035)
   assert est["ridge"] == pytest.approx(459e12 / 2765e9)
+  # per op: one instruction after another, each at its own largest term
+  ops = [(2, 0.001 * 459e12, 0.0005 * 2765e9, 0.0), (1, 0.0, 0.004 * 2765e9, 0.001 * 600e9)]
+  est = roofline.roofline(flops=0.002 * 459e12, hbm_bytes=0.005 * 2765e9, ici_bytes=0.001 * 600e9,
+                          chip=chip, ops=ops)
+  assert est["step_s_per_op"] == pytest.approx(2 * 0.001 + 0.004)
+  assert est["mfu_per_op"] == pytest.approx(0.002 / 0.006)
+  assert est["step_s"] == pytest.approx(0.005) and est["step_s_serial"] == pytest.approx(0.008)
   # no published ICI figure: the term is left out rather than guessed
   v4 = roofline.roofline(flops=1e12, hbm_bytes=1e9, ici_bytes=1e12, chip=roofline.CHIPS["v4"])
   assert "ici" not in v4["seconds"] and v4["bound"] == "compute"

@@ -335,7 +335,7 @@ def analyse_parts(memory: dict, cost: dict, text: str, n_chips: int, chip,
   # pass, which the compiled program skips
   useful = min(useful_flops_per_chip, stats.matmul_flops) if stats.matmul_flops else useful_flops_per_chip
   est = roofline.roofline(flops=flops, hbm_bytes=hbm, ici_bytes=stats.ici_traffic_bytes, chip=chip,
-                          useful_flops=useful)
+                          useful_flops=useful, ops=stats.ops)
   # the TPU compiler's own estimate of the program's time (its cost model; loop bodies once)
   compiler_s = cost.get("optimal_seconds", 0.0)
   est["compiler_step_s"] = compiler_s if not stats.loops_counted_once else 0.0
@@ -424,6 +424,10 @@ def _print_roofline(a: dict, chip, per_chip_items: float, unit: str, share: str 
   print(f"  estimate: {est['step_s'] * 1e3:.2f} ms per step ({est['bound']}-bound; "
         f"{est['step_s_serial'] * 1e3:.2f} ms with no overlap) -> {per_chip_items / est['step_s']:.1f} "
         f"{unit}/s per chip, {share} {est['mfu']:.1%} ({est['mfu_serial']:.1%} with no overlap)")
+  if est.get("step_s_per_op"):
+    print(f"  per op (one instruction after another, each at its own roofline): "
+          f"{est['step_s_per_op'] * 1e3:.2f} ms per step -> {per_chip_items / est['step_s_per_op']:.1f} "
+          f"{unit}/s per chip, {share} {est['mfu_per_op']:.1%}")
   if est.get("compiler_step_s"):
     print(f"  the TPU compiler's own estimate (cost_analysis optimal_seconds): "
           f"{est['compiler_step_s'] * 1e3:.2f} ms per step -> {per_chip_items / est['compiler_step_s']:.1f} "
@@ -589,9 +593,16 @@ def table(path: str) -> str:
   """The sweep's rows as the markdown tables of docs/pod_scale.md."""
   with open(path, encoding="utf-8") as f:
     rows = [reanalysed(json.loads(l)) for l in f if l.strip()]
-  out = ["| preset | slice (chips) | batch (per chip) | mesh data x fsdp | grad accum | HBM per chip "
-         "(args / temp / total) | fits | model TFLOP per chip | collectives sent per chip | bound | "
-         "est. step | img/s per chip | est. MFU (no overlap) | compile |",
+
+  def ms(x):
+    return f"{x * 1e3:.0f}" if x else "-"
+
+  def pct(x):
+    return f"{x:.0%}" if x else "-"
+  out = ["| preset | slice (chips) | batch (per chip) | data x fsdp | grad accum | HBM per chip: args / "
+         "temp / total GiB | fits | TFLOP per chip: model / compiled | ICI sent per chip | bound | "
+         "step ms: roofline / per op / compiler | img/s per chip (per op) | MFU: roofline / per op / "
+         "compiler | compile (CPU) |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if r.get("kind") != "train":
@@ -602,34 +613,39 @@ def table(path: str) -> str:
                  f"fsdp={r['fsdp']} | {r['grad_accum']} | {r.get('error', '')} | no | | | | | | | |")
       continue
     a = r["analysis"]
-    mem, est = a["memory"], a["roofline"]
+    mem, est, f = a["memory"], a["roofline"], a["flops"]
+    per_chip = r["batch"] / r["chips"]
     coll = ", ".join(f"{k} {v['traffic_bytes'] / 2 ** 30:.2f} GiB" for k, v in sorted(a["collectives"].items()))
     out.append(
-        f"| {r['preset']} | {slice_name} | {r['batch']} ({r['batch'] // r['chips']}) | "
+        f"| {r['preset']} | {slice_name} | {r['batch']} ({per_chip:.0f}) | "
         f"{r['mesh']['data']} x {r['mesh']['fsdp']} | {r['grad_accum']} | "
-        f"{mem['argument'] / 2 ** 30:.2f} / {mem['temp'] / 2 ** 30:.2f} / {mem['total'] / 2 ** 30:.2f} GiB | "
-        f"{'yes' if mem['fits'] else 'no'} | {a['flops']['useful'] / 1e12:.1f} | {coll or 'none'} | "
-        f"{est['bound']} | {est['step_s'] * 1e3:.0f} ms | {r['batch'] / r['chips'] / est['step_s']:.0f} | "
-        f"{est['mfu']:.0%} ({est['mfu_serial']:.0%}) | {r['compile_s'] / 60:.1f} min |")
+        f"{mem['argument'] / 2 ** 30:.2f} / {mem['temp'] / 2 ** 30:.2f} / {mem['total'] / 2 ** 30:.2f} | "
+        f"{'yes' if mem['fits'] else 'no'} | {f.get('model', f['useful']) / 1e12:.1f} / "
+        f"{f['hlo_matmul'] / 1e12:.1f} | {coll or 'none'} | {est['bound']} | "
+        f"{ms(est['step_s'])} / {ms(est.get('step_s_per_op'))} / {ms(est.get('compiler_step_s'))} | "
+        f"{per_chip / est['step_s_per_op']:.0f} | {pct(est['mfu'])} / {pct(est.get('mfu_per_op'))} / "
+        f"{pct(est.get('compiler_mfu'))} | {r['compile_s'] / 60:.1f} min ({r['compile_cpu_s'] / 60:.1f}) |")
   audit = [r for r in rows if r.get("kind") == "audit"]
   if audit:
-    out += ["", "| slice (chips) | references | HBM per chip (refs / temp / total) | fits | GEMM TFLOP "
-            "per chip | HBM traffic per chip | ICI sent per chip | bound | est. time | est. share of "
-            "bf16 peak (no overlap) | compile |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out += ["", "| slice (chips) | references | blocks (queries x refs) | HBM per chip: refs / temp / "
+            "total GiB | TFLOP per chip: GEMM / compiled | HBM traffic per chip | ICI sent per chip | "
+            "bound | time ms: roofline / per op | share of bf16 peak: roofline / per op | compile |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in audit:
       slice_name = f"{r.get('alias') or r['topology']} ({r['chips']})"
       kind = "ring-rotated" if r["ring"] else "replicated"
       if "analysis" not in r:
-        out.append(f"| {slice_name} | {kind} | {r.get('error', '')} | no | | | | | | | |")
+        out.append(f"| {slice_name} | {kind} | | {r.get('error', '')} | | | | | | | |")
         continue
       a = r["analysis"]
-      mem, est = a["memory"], a["roofline"]
+      mem, est, f = a["memory"], a["roofline"], a["flops"]
       out.append(
-          f"| {slice_name} | {kind} | {r['refs_bytes_per_chip'] / 2 ** 30:.2f} / "
-          f"{mem['temp'] / 2 ** 30:.2f} / {mem['total'] / 2 ** 30:.2f} GiB | "
-          f"{'yes' if mem['fits'] else 'no'} | {a['flops']['useful'] / 1e12:.1f} | "
-          f"{a['hbm_bytes']['used'] / 2 ** 30:.1f} GiB | {a['ici_traffic_bytes'] / 2 ** 30:.2f} GiB | "
-          f"{est['bound']} | {est['step_s']:.2f} s | {est['mfu']:.0%} ({est['mfu_serial']:.0%}) | "
+          f"| {slice_name} | {kind} | {r['query_block']} x {r['ref_block']} | "
+          f"{r['refs_bytes_per_chip'] / 2 ** 30:.2f} / {mem['temp'] / 2 ** 30:.2f} / "
+          f"{mem['total'] / 2 ** 30:.2f} | {f.get('model', f['useful']) / 1e12:.2f} / "
+          f"{f['hlo_matmul'] / 1e12:.2f} | {a['hbm_bytes']['used'] / 2 ** 30:.0f} GiB | "
+          f"{a['ici_traffic_bytes'] / 2 ** 30:.2f} GiB | {est['bound']} | {est['step_s'] * 1e3:.1f} / "
+          f"{est['step_s_per_op'] * 1e3:.1f} | {pct(est['mfu'])} / {pct(est['mfu_per_op'])} | "
           f"{r['compile_s']:.0f} s |")
   return "\n".join(out)
 

@@ -450,6 +450,8 @@ class HloStats:
   collectives: list
   trip_counts: dict            # while instruction -> trip count (None: unknown, counted once)
   loops_counted_once: bool     # some loop body of trip count > 1 (cost_analysis undercounts)
+  ops: list = dataclasses.field(default_factory=list)  # (runs, matmul FLOPs, bytes, ICI bytes)
+                                                       # of each executed instruction
 
   @property
   def kinds(self) -> dict:
@@ -556,6 +558,25 @@ def analyse_hlo(text: str, num_devices: int) -> HloStats:
   flops = 0.0
   memory = 0.0
   all_bytes = {i.name: sum(a.bytes for a in i.arrays) for body in comps.values() for i in body}
+  colls = collectives(comps, mult, num_devices)
+  traffic = {c.name: c.traffic_bytes for c in colls}
+  own = {c: (sum(_matmul_flops(i, shapes) for i in body if i.opcode in ("dot", "convolution")),
+             sum(traffic.get(i.name, 0.0) for i in body)) for c, body in comps.items()}
+  fused = {}
+
+  def inside(c, depth=0):
+    """(matmul FLOPs, ICI bytes) of one run of computation c, fusions it calls included."""
+    if c not in fused:
+      f, t = own.get(c, (0.0, 0.0))
+      for i in comps.get(c, []):
+        if i.opcode == "fusion" and depth < 8:
+          for _, callee in i.calls():
+            cf, ct = inside(callee, depth + 1)
+            f, t = f + cf, t + ct
+      fused[c] = (f, t)
+    return fused[c]
+
+  ops = []
   for c, body in comps.items():
     m = mult.get(c, 0.0)
     if not m:
@@ -565,9 +586,15 @@ def analyse_hlo(text: str, num_devices: int) -> HloStats:
         flops += m * _matmul_flops(inst, shapes)
       if c in inlined or inst.opcode in _FREE or inst.opcode.endswith("-done"):
         continue
-      memory += m * _bytes_moved(inst, comps, all_bytes)
-  return HloStats(flops, memory, collectives(comps, mult, num_devices), trips,
-                  any((n or 0) > 1 for n in trips.values()))
+      moved = _bytes_moved(inst, comps, all_bytes)
+      memory += m * moved
+      if inst.opcode == "fusion":
+        op_flops, op_ici = inside(next((t for a, t in inst.calls() if a == "calls"), ""))
+      else:
+        op_flops = _matmul_flops(inst, shapes) if inst.opcode in ("dot", "convolution") else 0.0
+        op_ici = traffic.get(inst.name, 0.0)
+      ops.append((m, op_flops, moved, op_ici))
+  return HloStats(flops, memory, colls, trips, any((n or 0) > 1 for n in trips.values()), ops)
 
 
 # ----------------------------------------------------------------------------- tiles
@@ -619,22 +646,32 @@ def tile_padding(text: str, min_bytes: float = 2 ** 20, top: int = 5) -> dict:
 
 
 def roofline(*, flops: float, hbm_bytes: float, ici_bytes: float, chip: Chip,
-             useful_flops: Optional[float] = None) -> dict:
+             useful_flops: Optional[float] = None, ops: Optional[list] = None) -> dict:
   """Per-chip step time by the roofline model, and the share of peak it implies.
 
   flops: what the chip's matrix units execute; useful_flops: the model's own count (default:
   flops), the numerator of MFU. Returns seconds per term, the bound (largest term), the
-  estimate with perfect overlap (the largest) and with none (the sum), and MFU for both.
+  estimate with perfect overlap (the largest term: the issue's roofline) and with none (the sum),
+  and MFU for both. With `ops` ((runs, FLOPs, HBM bytes, ICI bytes) per executed instruction,
+  HloStats.ops) also the per-op roofline: the instructions run one after another, each taking
+  its own largest term (`step_s_per_op`, `mfu_per_op`).
   """
   useful = flops if useful_flops is None else useful_flops
+  ici_bw = chip.ici_out_bw
   terms = {"compute": flops / chip.peak_bf16, "hbm": hbm_bytes / chip.hbm_bw}
-  if chip.ici_out_bw is not None:
-    terms["ici"] = ici_bytes / chip.ici_out_bw
+  if ici_bw is not None:
+    terms["ici"] = ici_bytes / ici_bw
   overlap = max(terms.values())
   serial = sum(terms.values())
   bound = max(terms, key=terms.get)
-  return dict(seconds=terms, bound=bound, step_s=overlap, step_s_serial=serial,
-              mfu=useful / (overlap * chip.peak_bf16) if overlap else 0.0,
-              mfu_serial=useful / (serial * chip.peak_bf16) if serial else 0.0,
-              intensity=flops / hbm_bytes if hbm_bytes else math.inf,
-              ridge=chip.peak_bf16 / chip.hbm_bw)
+  out = dict(seconds=terms, bound=bound, step_s=overlap, step_s_serial=serial,
+             mfu=useful / (overlap * chip.peak_bf16) if overlap else 0.0,
+             mfu_serial=useful / (serial * chip.peak_bf16) if serial else 0.0,
+             intensity=flops / hbm_bytes if hbm_bytes else math.inf,
+             ridge=chip.peak_bf16 / chip.hbm_bw)
+  if ops is not None:
+    per_op = sum(m * max(f / chip.peak_bf16, b / chip.hbm_bw, t / ici_bw if ici_bw else 0.0)
+                 for m, f, b, t in ops)
+    out["step_s_per_op"] = per_op
+    out["mfu_per_op"] = useful / (per_op * chip.peak_bf16) if per_op else 0.0
+  return out
