@@ -246,3 +246,30 @@ def test_cond_dim_and_bad_configs():
     bad[section][name] = value
     with pytest.raises(UserError, match=words):
       presets.build_model(bad)
+
+
+def _attention_params_by_level(params) -> dict:
+  """{resolution: attention parameters} of a UNet's params, read from the block names."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    names = [getattr(p, "key", "") for p in path]
+    if any(n.startswith("attn_") for n in names):
+      block = next(n for n in names if n.startswith(("enc_", "dec_")))
+      res = block.split("_")[1]
+      out[res] = out.get(res, 0) + math.prod(leaf.shape)
+  return out
+
+
+def test_a_level_narrower_than_a_head_has_no_attention_as_in_edm2():
+  """EDM2 gives a level with fewer channels than channels_per_head 0 heads (no attention); a
+  head of its own there (max(c // per_head, 1)) added 4 c^2 weights per block and changed the
+  output. Levels 16x16 (8 ch) and 8x8 (16 ch) both ask for attention at 16 channels per head."""
+  from pso_jax.models.unet import UNet
+  net = UNet(img_channels=1, model_channels=8, channel_mult=(1, 2), num_blocks=2,
+             attn_levels=(0, 1), channels_per_head=16)
+  x, sigma = jnp.zeros((1, 16, 16, 1)), jnp.ones((1,))
+  params = jax.eval_shape(lambda k: net.init(k, x, sigma, None), jax.random.key(0))["params"]
+  # analytic: an attention block at c channels holds qkv (3c x c) and proj (c x c) 1x1 kernels;
+  # 8x8 (16 ch, one head) attends in 2 encoder blocks, dec in0 and 3 decoder blocks; 16x16 never
+  per_block = 4 * 16 ** 2
+  assert _attention_params_by_level(params) == {"8x8": (2 + 1 + 3) * per_block}

@@ -100,7 +100,8 @@ class UNet(nn.Module):
   clip_act: Optional[float] = 256.0
 
   def _block(self, cout, flavor, name, resample_mode="keep", attention=False):
-    heads = max(cout // self.channels_per_head, 1) if attention else 0
+    # EDM2: a level narrower than channels_per_head gets no heads, hence no attention at all
+    heads = cout // self.channels_per_head if attention else 0
     return Block(cout, flavor=flavor, resample_mode=resample_mode, num_heads=heads,
                  dropout=self.dropout, res_balance=self.res_balance,
                  attn_balance=self.attn_balance, clip_act=self.clip_act, name=name)
