@@ -36,6 +36,10 @@ def _recipe():
   d.attacker_patients = 0          # the last this many patients form the attacker split: set aside
                                    # for the audit's independent re-id attacker, in no other split
   d.single_label_train_val = True  # reference rule: train/val keep single-label rows, test multi
+  d.split_files = ()               # fixed splits: (train, val, test[, attacker]) filelists used as
+                                   # given (checked patient-disjoint), instead of splitting `filelist`
+  d.filter_order = "split_then_filter"  # or filter_then_split: the reference drops rows without a
+                                   # positive label before the patient split (docs/method.md §1.3)
   d.batch_size = 32                # loader batch for prepare / feature extraction
   d.worker_count = 0               # grain workers (0 = in-process)
   d.prepare_chunk = 256            # records per resumable chunk (on average: cut by content, 4x at most)
@@ -54,6 +58,8 @@ def _recipe():
   l.mean = (7.00, 2.91, 0.94, -2.75)   # reference cxr8 channel statistics (docs/method.md §1.4)
   l.std = (3.13, 4.18, 2.89, 2.61)
   l.final_std = 0.5
+  l.stats = "config"               # config: mean/std above | dataset: per-channel statistics of the
+                                   # train split, computed by prepare and recorded in the card
   l.batch_size = 8                 # sd_vae: images per encode/decode call (512 px VAE is memory-hungry)
   # pseudo-conditioning features (unit-norm, one per training image)
   d.features = f = ml_collections.ConfigDict()

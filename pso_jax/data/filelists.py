@@ -5,7 +5,12 @@ A filelist line is `<relative image path> l0 ... l7` (reference format, findings
 styles, auto-detected) or from the `patient_id` column of a generic CSV. Splits follow the
 reference recipe (docs/method.md §1.3): unique patients are shuffled and cut 80/20 (seed 42), the
 20% cut 50/50 into val/test; rows without any positive label are dropped; train and val keep only
-single-label rows, test keeps multi-label rows too.
+single-label rows, test keeps multi-label rows too. `config.data.filter_order` says whether rows
+without a positive label are dropped after the patient split (`split_then_filter`, pso_jax's
+default: a patient's unlabelled rows take part in the shuffle) or before it (`filter_then_split`,
+the reference notebook: patients with no labelled row are not shuffled at all, which moves the
+cut). Fixed splits (`config.data.split_files`: train, val, test[, attacker] filelists, e.g. the
+reference's) are used as given, checked for patient disjointness, and only the label rules apply.
 
 Paths are checked as they are read: relative and without `..` (nothing outside
 config.data.image_root is read, and no later stage can be led outside its folder), without
@@ -32,6 +37,9 @@ SPLITS = ("train", "val", "test")
 # and no holdout of the audit sees them
 ATTACKER = "attacker"
 ALL_SPLITS = SPLITS + (ATTACKER,)
+FILTER_ORDERS = ("split_then_filter", "filter_then_split")
+BEFORE_SPLIT = "before_split"  # key of split_rows' dropped counts: rows that reached no split
+_SHOWN = 5  # offending patients named in a message (then a count)
 
 PATH_STYLES = {
     # images/00000006_000.png -> 00000006
@@ -54,6 +62,7 @@ class Table:
   patient_ids: np.ndarray  # str [N]
   source: str = ""         # file the rows came from (for messages)
   lines: np.ndarray | None = None  # int [N]: each row's line in `source` (None: not from a file)
+  files: np.ndarray | None = None  # str [N]: each row's file when the rows come from several
 
   def __len__(self):
     return len(self.paths)
@@ -61,11 +70,14 @@ class Table:
   def take(self, rows) -> "Table":
     rows = np.asarray(rows, dtype=np.int64)
     lines = None if self.lines is None else self.lines[rows]
-    return Table(self.paths[rows], self.labels[rows], self.patient_ids[rows], self.source, lines)
+    files = None if self.files is None else self.files[rows]
+    return Table(self.paths[rows], self.labels[rows], self.patient_ids[rows], self.source, lines,
+                 files)
 
   def where(self, row: int) -> str:
     """`file:line` of a row, for messages."""
-    return self.source if self.lines is None else f"{self.source}:{self.lines[row]}"
+    source = self.source if self.files is None else self.files[row]
+    return source if self.lines is None else f"{source}:{self.lines[row]}"
 
 
 def _parse_labels(fields, where: str) -> list[float]:
@@ -154,10 +166,10 @@ def patient_ids_for(paths, style: str = "auto", source: str = "", lines=None) ->
   return np.array(ids, dtype=str)
 
 
-def read_filelist(path: str, style: str = "auto") -> Table:
-  """Parses a reference filelist; every malformed line is reported with its line number."""
+def _parse_filelist(path: str, flag: str = "--config.data.filelist"):
+  """(paths, labels, line numbers) of a reference filelist; malformed lines named."""
   if not os.path.isfile(path):
-    raise UserError(f"filelist {path!r} does not exist; set --config.data.filelist to a file of "
+    raise UserError(f"filelist {path!r} does not exist; set {flag} to a file of "
                     "`<relative path> l0 ... l7` lines")
   paths, labels, lines = [], [], []
   for n, line in enumerate(_read_text(path, "filelist").splitlines(), start=1):
@@ -169,9 +181,52 @@ def read_filelist(path: str, style: str = "auto") -> Table:
     lines.append(n)
   if not paths:
     raise UserError(f"filelist {path!r} has no lines; expected `<relative path> l0 ... l7` per line")
+  return paths, labels, lines
+
+
+def read_filelist(path: str, style: str = "auto", flag: str = "--config.data.filelist") -> Table:
+  """Parses a reference filelist; every malformed line is reported with its line number."""
+  paths, labels, lines = _parse_filelist(path, flag)
   _check_duplicates(paths, lambda i: f"{path}:{lines[i]}")
   ids = patient_ids_for(paths, style, path, lines)
   return Table(np.array(paths, dtype=str), np.array(labels, np.float32), ids, path, np.array(lines))
+
+
+def read_split_files(files, style: str = "auto") -> tuple[Table, dict[str, np.ndarray]]:
+  """Fixed splits: train, val, test (and optionally attacker) filelists -> one Table in that file
+  order and the rows of each split. Patients shared by two files are refused, all of them counted
+  and the first few named with their files, before any image is read."""
+  files = split_files_of(files)
+  names = ALL_SPLITS[:len(files)]
+  tables = [read_filelist(path, style, f"--config.data.split_files ({name})")
+            for name, path in zip(names, files)]
+  owner = np.concatenate([[name] * len(t) for name, t in zip(names, tables)])
+  source_of = dict(zip(names, files))
+  table = Table(np.concatenate([t.paths for t in tables]),
+                np.concatenate([t.labels for t in tables]),
+                np.concatenate([t.patient_ids for t in tables]), " + ".join(files),
+                np.concatenate([t.lines for t in tables]),
+                np.concatenate([[t.source] * len(t) for t in tables]).astype(str))
+  _check_split_files_disjoint(table, owner, source_of)
+  _check_duplicates(list(table.paths), table.where)  # (one image in two files is caught above)
+  return table, {name: np.flatnonzero(owner == name) for name in names}
+
+
+def _check_split_files_disjoint(table: Table, owner: np.ndarray, source_of: dict) -> None:
+  splits_of = {}
+  for pid, name in zip(table.patient_ids, owner):
+    splits_of.setdefault(str(pid), []).append(str(name))
+  shared = {pid: tuple(dict.fromkeys(s)) for pid, s in splits_of.items() if len(set(s)) > 1}
+  if not shared:
+    return
+  shown = "; ".join(f"{pid} ({', '.join(s)})" for pid, s in list(shared.items())[:_SHOWN])
+  more = f" and {len(shared) - _SHOWN} more" if len(shared) > _SHOWN else ""
+  involved = sorted({name for s in shared.values() for name in s}, key=ALL_SPLITS.index)
+  named = ", ".join(f"{name}={source_of[name]}" for name in involved)
+  raise UserError(f"config.data.split_files are not patient-disjoint: {len(shared)} patient(s) "
+                  f"have images in more than one split: {shown}{more} (files: {named}). One "
+                  "patient's scans in two splits leak between them; move each patient's lines "
+                  "into one file, or drop split_files and let prepare split by patient")
 
 
 def read_csv(path: str) -> Table:
@@ -267,15 +322,66 @@ def keep_rows(labels: np.ndarray, split: str, single_label_train_val: bool = Tru
   return positives >= 1
 
 
-def split_rows(table: Table, data_config) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Row positions of each patient-disjoint split (in table order) and rows dropped by the rules."""
-  by_split = split_patients(table.patient_ids, data_config.split_fractions, data_config.split_seed,
-                            data_config.attacker_patients)
+def split_files_of(value) -> tuple[str, ...]:
+  """config.data.split_files as a tuple of paths: `a,b,c` on the command line arrives as one
+  string (ml_collections reads a bare comma list as one element) and is split at the commas."""
+  files = tuple(str(f) for f in value)
+  if len(files) == 1 and "," in files[0]:
+    files = tuple(f.strip() for f in files[0].split(","))
+  if len(files) not in (3, 4):
+    raise UserError(f"config.data.split_files has {len(files)} file(s) {files}; give the train, "
+                    "val and test filelists (and optionally a fourth for the attacker split), "
+                    "e.g. --config.data.split_files=train.txt,val.txt,test.txt")
+  return files
+
+
+def check_split_config(data_config) -> None:
+  """The split settings' own checks (before any file is read)."""
+  d = data_config
+  if d.filter_order not in FILTER_ORDERS:
+    raise UserError(f"config.data.filter_order={d.filter_order!r} is unknown; use "
+                    f"{' or '.join(FILTER_ORDERS)} (filter_then_split: the reference's order, rows "
+                    "without a positive label dropped before the patient split)")
+  if d.split_files:
+    split_files_of(d.split_files)
+    if d.source != "filelist":
+      raise UserError(f"config.data.split_files is set but config.data.source={d.source!r}; fixed "
+                      "splits are read from filelists: use --config.data.source=filelist")
+    if d.filelist:
+      raise UserError("config.data.split_files and config.data.filelist are both set; give either "
+                      "one filelist to split, or the split files to use as they are")
+    if int(d.attacker_patients):
+      raise UserError(f"config.data.attacker_patients={d.attacker_patients} cannot carve an "
+                      "attacker split out of fixed split files (it would change the given "
+                      "splits); give the attacker patients as a fourth file in "
+                      "config.data.split_files, or set --config.data.attacker_patients=0")
+
+
+def split_rows(table: Table, data_config, fixed: dict[str, np.ndarray] | None = None
+               ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """Row positions of each patient-disjoint split (in table order) and rows dropped by the rules
+  (per split, and BEFORE_SPLIT: rows that reached no split).
+
+  fixed: the rows of each split as given (read_split_files), instead of a patient split."""
+  d = data_config
+  if fixed is not None:
+    owner = np.full(len(table), "", dtype=object)
+    for name, r in fixed.items():
+      owner[r] = name
+    member = {name: owner == name for name in ALL_SPLITS}
+  else:
+    ids = table.patient_ids
+    if d.filter_order == "filter_then_split":  # the reference: only labelled rows' patients split
+      ids = ids[table.labels.sum(axis=1) >= 1]
+    by_split = split_patients(ids, d.split_fractions, d.split_seed, d.attacker_patients)
+    member = {name: np.isin(table.patient_ids, by_split[name]) for name in ALL_SPLITS}
   rows, dropped = {}, {}
   for name in ALL_SPLITS:
-    mine = np.isin(table.patient_ids, by_split[name])
-    keep = mine & keep_rows(table.labels, name, data_config.single_label_train_val)
+    mine = member[name]
+    keep = mine & keep_rows(table.labels, name, d.single_label_train_val)
     rows[name] = np.flatnonzero(keep)
     dropped[name] = int(mine.sum() - keep.sum())
+  # rows in no split: filter_then_split drops unlabelled patients' rows before splitting
+  dropped[BEFORE_SPLIT] = int(len(table) - sum(int(m.sum()) for m in member.values()))
   check_patient_disjoint({name: table.take(r) for name, r in rows.items()})
   return rows, dropped

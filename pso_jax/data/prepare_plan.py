@@ -60,6 +60,7 @@ def check_config(config) -> None:
     raise UserError("config.data.image_size and config.data.prepare_chunk must be positive")
   if len(d.findings) != filelists.NUM_LABELS:
     raise UserError(f"config.data.findings must name {filelists.NUM_LABELS} findings")
+  filelists.check_split_config(d)
   features.check_kind(config)
   latents.check_kind(config)
 
@@ -68,6 +69,7 @@ def make_plan(config) -> Plan:
   """Reads and validates the input; raises UserError before anything is written."""
   check_config(config)
   d = config.data
+  fixed = None  # the rows of each split when config.data.split_files gives them
   if d.source == "phantom":
     idx = phantom.index(d.phantom)
     table = filelists.Table(idx.paths, idx.labels, idx.patient_ids, "phantom")
@@ -76,6 +78,8 @@ def make_plan(config) -> Plan:
   else:
     if d.source == "csv":
       table = filelists.read_csv(d.csv)
+    elif d.split_files:
+      table, fixed = filelists.read_split_files(d.split_files, d.path_style)
     else:
       if not d.filelist:
         raise UserError("config.data.source='filelist' needs --config.data.filelist=<file of "
@@ -83,7 +87,7 @@ def make_plan(config) -> Plan:
       table = filelists.read_filelist(d.filelist, d.path_style)
     load = lambda rows: images.load_images(d.image_root, table.paths[rows], d.image_size,
                                            d.channels, [table.where(i) for i in rows])
-  rows, dropped = filelists.split_rows(table, d)
+  rows, dropped = filelists.split_rows(table, d, fixed)
   if len(rows["train"]) == 0:
     raise UserError(f"{table.source}: no train rows are left after the split and the "
                     "single-label rule; the dataset needs single-label rows")
@@ -106,7 +110,8 @@ def make_plan(config) -> Plan:
 # config.data fields that never change a cached record (its image, scaling rule and latent): they
 # choose, label or split rows, or shape the features (computed from the cached images)
 _NOT_IN_RECORDS = ("worker_count", "batch_size", "filelist", "csv", "path_style", "split_fractions",
-                   "split_seed", "single_label_train_val", "prepare_chunk", "findings", "features")
+                   "split_seed", "single_label_train_val", "prepare_chunk", "findings", "features",
+                   "split_files", "filter_order")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,10 +274,13 @@ def make_card(config, plan: Plan, feats: dict[str, np.ndarray], pixel_scaling: d
     }
   return {
       "name": d.name, "source": d.source, "input": plan.table.source,
-      "input_rows": len(plan.table), "image_shape": [d.image_size, d.image_size, d.channels],
+      "input_rows": len(plan.table),
+      "dropped_before_split": plan.dropped.get(filelists.BEFORE_SPLIT, 0), "image_shape": [d.image_size, d.image_size, d.channels],
       "latent": d.latent.kind, "features": {"kind": d.features.kind, "dim": int(d.features.dim)},
       "findings": list(d.findings), "split_seed": d.split_seed,
-      "split_fractions": list(d.split_fractions), "splits": splits,
+      "split_fractions": list(d.split_fractions), "filter_order": d.filter_order,
+      "split_files": list(filelists.split_files_of(d.split_files)) if d.split_files else [],
+      "splits": splits,
       "pixel_scaling": pixel_scaling, "prepare_seconds": round(seconds, 3),
   }
 
@@ -280,13 +288,11 @@ def make_card(config, plan: Plan, feats: dict[str, np.ndarray], pixel_scaling: d
 def card_markdown(card: dict) -> str:
   findings = card["findings"]
   lines = [f"# Dataset card: {card['name']}", "",
-           f"Source: {card['source']} ({card['input']}), {card['input_rows']} input rows; images "
+           f"Source: {card['source']} ({card['input']}), {card['input_rows']} input rows"
+           f"{_before_split(card)}; images "
            f"{'x'.join(map(str, card['image_shape']))}; latent {card['latent']}; features "
            f"{card['features']['kind']} ({card['features']['dim']}-d).",
-           f"Patient-disjoint split {card['split_fractions']} (seed {card['split_seed']}); train "
-           "and val keep single-label rows, test keeps multi-label rows; the attacker split (the "
-           "last patients of the input, set aside for the audit's independent attacker) keeps "
-           "single-label rows.",
+           _split_line(card),
            _scaling_line(card["pixel_scaling"]), "",
            "| split | records | patients | multi-label | dropped | " + " | ".join(findings) + " |",
            "|---" * (5 + len(findings)) + "|"]
@@ -294,6 +300,26 @@ def card_markdown(card: dict) -> str:
     lines.append(f"| {split} | {s['records']} | {s['patients']} | {s['multi_label']} | "
                  f"{s['dropped_rows']} | " + " | ".join(str(s["positives"][f]) for f in findings) + " |")
   return "\n".join(lines) + "\n"
+
+
+def _before_split(card: dict) -> str:
+  n = card.get("dropped_before_split", 0)
+  return f" ({n} without a positive label dropped before the split)" if n else ""
+
+
+def _split_line(card: dict) -> str:
+  rules = ("train and val keep single-label rows, test keeps multi-label rows; the attacker split "
+           "keeps single-label rows")
+  if card.get("split_files"):
+    return (f"Fixed splits from {', '.join(card['split_files'])} (train, val, test"
+            f"{', attacker' if len(card['split_files']) > 3 else ''}; checked patient-disjoint); "
+            f"{rules}.")
+  order = {"split_then_filter": "rows without a positive label dropped after the patient split",
+           "filter_then_split": "rows without a positive label dropped before the patient split, "
+                                "as the reference"}[card.get("filter_order", "split_then_filter")]
+  return (f"Patient-disjoint split {card['split_fractions']} (seed {card['split_seed']}), {order}; "
+          f"{rules} (the attacker split: the last patients of the input, set aside for the "
+          "audit's independent attacker).")
 
 
 def _scaling_line(pixel_scaling: dict[str, int]) -> str:
