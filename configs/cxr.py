@@ -1,7 +1,10 @@
 """pso_jax configuration for chest radiographs.
 
-`get_config("")` is the reference recipe (ChestX-ray14, 512 px, SD-VAE latents 4x64x64, EDM2-xs,
-pseudo-conditioning on 2048-d SwAV features, batch 2048; docs/method.md).
+`get_config("")` is pso_jax's recipe at the reference's scale (ChestX-ray14, 512 px, SD-VAE latents
+4x64x64, EDM2-xs, pseudo-conditioning on 2048-d SwAV features, batch 2048; docs/method.md), with
+the diversity regulariser and the model's own null condition as guide.
+`get_config("reference")` is the reference's own DiADM recipe exactly (no regulariser, a separate
+unconditional guide, raw weights, 80 Mi images; docs/method.md §3.2).
 `get_config("demo")` runs the whole pipeline on the embedded phantom dataset in minutes on 2 CPU
 cores, `get_config("tiny")` in seconds, for tests. Variants change numbers, never structure, so
 every field exists in every variant and `--config.a.b=v` overrides work the same everywhere.
@@ -190,6 +193,10 @@ def _recipe():
   se.guidance_floor = 0.7
   se.max_rounds = 6
   se.second = False
+  se.per_real = 1                  # survivors released per real image (rounds go on until this many)
+  se.cond_k = 0                    # >0: candidates conditioned on the mean features of k other
+                                   # patients' images with the same findings (k-anonymous), not
+                                   # on their real image's own (0: the reference)
   se.chunk_images = 32             # real images per resumable chunk (all their candidates in memory)
 
   # ---------------------------------------------------------------- audit
@@ -348,8 +355,37 @@ def _tiny(c):
   return c
 
 
+def _reference(c):
+  """The reference's DiADM + DSE recipe as it ran (docs/method.md; trichotomy.md §3-5): the
+  pseudo-conditioned EDM2-xs on SwAV features (a features file), no condition dropout or other
+  regulariser, guided at g = 1.2 by a separately trained unconditional model, sampled with the
+  raw training weights. Train the guide first in its own workdir with this variant and
+  --config.model.cond=uncond, then pass --config.sample.guide_workdir=<that workdir>."""
+  c.variant = "reference"
+  c.data.features.kind = "file"    # BeyondFID SwAV, 2048-d, one row per train image
+  c.data.features.dim = 2048
+  c.model.preset = "xs"
+  c.model.cond = "pseudo"
+  r = c.regulariser                # the reference has none of the regulariser's parts
+  r.enabled = False
+  r.cond_dropout = 0.0
+  r.jitter = 0.0
+  r.kanon_k = 0
+  # EDM2's preset trains 128 Mi images (2048 << 16), but the model the reference sampled for
+  # DiADM + DSE is its 80 Mi checkpoint (83,886 kimg = 40,960 steps of 2048; generate_dse.sh):
+  # training stops there. (Its unconditional guide is the 96 Mi checkpoint of a longer run.)
+  c.train.total_images = 2048 * 40960
+  c.sample.guide = "separate"      # a second, unconditional network (no null condition learned)
+  c.sample.guide_workdir = ""      # the guide's workdir: given by the user (or --mode=compare)
+  c.sample.guidance = 1.2          # generate_dse.sh
+  c.sample.ema_std = 0.0           # raw weights: its samplers overwrote the EMA with them
+  c.select.n_candidates = 32       # generate_dse.sh n_per_index
+  c.select.guidance_step = 0.1     # all candidates flagged: new seeds, guidance - 0.1
+  return c
+
+
 def get_config(arg: str = ""):
-  variants = {"": lambda c: c, "demo": _demo, "tiny": _tiny}
+  variants = {"": lambda c: c, "demo": _demo, "tiny": _tiny, "reference": _reference}
   if arg not in variants:
     raise ValueError(
         f"configs/cxr.py has no variant {arg!r}; use one of "
