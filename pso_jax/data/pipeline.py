@@ -188,3 +188,16 @@ def resume_plan(saved: dict | None, layout: dict, step: int) -> tuple[int, bool]
   if saved and saved.get("layout") == layout:
     return int(saved["start_batch"]), True
   return int(step), False
+
+
+# ------------------------------------------------------------------ streamed passes over a split
+
+def in_batches(fn, images, batch_size: int = 256):
+  """fn(numpy rows) over consecutive batches of `images` (an array or a lazy column,
+  `dataset.RecordColumn`), the outputs concatenated: a row-wise fn then sees at most batch_size
+  decoded images at a time. fn returns an array with the batch's leading axis."""
+  n = len(images)
+  if n == 0:
+    return fn(np.asarray(images[0:0]))
+  return np.concatenate([fn(np.asarray(images[s:s + batch_size]))
+                         for s in range(0, n, int(batch_size))])

@@ -48,9 +48,10 @@ def num_steps(section, n_train: int) -> int:
   return int(section.epochs) * max(1, n_train // section.batch_size)
 
 
-def make_sampler(images, labels, batch_size: int, seed: int):
-  """step -> batch; a fresh permutation per epoch (with replacement if the set is tiny)."""
-  n = len(images)
+def make_sampler(n: int, labels, batch_size: int, seed: int):
+  """step -> batch of record indices ("index": the trainer decodes only their images) and their
+  labels; a fresh permutation of the n training images per epoch (with replacement if the set is
+  tiny)."""
   per_epoch = max(1, n // batch_size)
 
   def sampler(step: int) -> dict:
@@ -58,7 +59,7 @@ def make_sampler(images, labels, batch_size: int, seed: int):
     rng = np.random.default_rng([seed, epoch])
     idx = (rng.permutation(n)[pos * batch_size:(pos + 1) * batch_size] if n >= batch_size
            else rng.choice(n, batch_size, replace=True))
-    return {"image": images[idx], "labels": labels[idx].astype(np.float32)}
+    return {"index": idx.astype(np.int64), "labels": labels[idx].astype(np.float32)}
 
   return sampler
 
@@ -75,8 +76,9 @@ def check_labels(labels, n_images: int, findings, what: str) -> np.ndarray:
 
 
 def make_val_fn(model, spec: cnn.CnnSpec, images, labels, batch_size: int):
-  """variables -> mean validation BCE (eval mode, no augmentation)."""
-  images, labels = np.asarray(images), np.asarray(labels, np.float32)
+  """variables -> mean validation BCE (eval mode, no augmentation); `images` an array or a lazy
+  column, read one batch at a time."""
+  labels = np.asarray(labels, np.float32)
 
   @jax.jit
   def batch_loss_sum(variables, x, y, mask):
@@ -89,12 +91,12 @@ def make_val_fn(model, spec: cnn.CnnSpec, images, labels, batch_size: int):
   def val_fn(variables) -> float:
     total = 0.0
     for start in range(0, len(images), batch_size):
-      x, y = images[start:start + batch_size], labels[start:start + batch_size]
+      x, y = np.asarray(images[start:start + batch_size]), labels[start:start + batch_size]
       mask = np.ones(batch_size, np.float32)
       mask[len(x):] = 0
       if len(x) < batch_size:  # pad to the fixed shape; padded rows are masked out
         pad = batch_size - len(x)
-        x, y = np.concatenate([x, images[:pad]]), np.concatenate([y, labels[:pad]])
+        x, y = np.concatenate([x, np.asarray(images[:pad])]), np.concatenate([y, labels[:pad]])
       total += float(batch_loss_sum(variables, x, y, mask))
     return total / len(images)
 
@@ -130,6 +132,11 @@ class Classifier:
     return self._probs(check_images(images, self.spec.channels, "classifier")).astype(np.float32)
 
 
+def _as_images(images):
+  """A lazy column as it is (it has shape and row indexing), anything else as a numpy array."""
+  return images if hasattr(images, "shape") and hasattr(images, "__getitem__") else np.asarray(images)
+
+
 def checkpoint_dir(out_dir: str, which: str = "best") -> str:
   return os.path.join(out_dir, "checkpoint_" + which)
 
@@ -137,9 +144,10 @@ def checkpoint_dir(out_dir: str, which: str = "best") -> str:
 def train_classifier(config, train_images, train_labels, val_images, val_labels, key, out_dir,
                      *, steps: int = None) -> dict:
   """Trains the configured classifier, keeps the best-val-loss and final weights (orbax) and
-  writes `training.json`; returns its content. `steps` overrides the config's duration."""
+  writes `training.json`; returns its content. `steps` overrides the config's duration. Images:
+  arrays or lazy columns (`data.dataset.RecordColumn`: decoded one batch at a time)."""
   section, findings = config.classifier, tuple(config.data.findings)
-  train_images, val_images = np.asarray(train_images), np.asarray(val_images)
+  train_images, val_images = _as_images(train_images), _as_images(val_images)
   train_labels = check_labels(train_labels, len(train_images), findings, "training set")
   val_labels = check_labels(val_labels, len(val_images), findings, "validation set")
   if len(train_images) == 0 or len(val_images) == 0:
@@ -157,8 +165,8 @@ def train_classifier(config, train_images, train_labels, val_images, val_labels,
       model=model, variables=cnn.init_cnn(spec, k_init, section.weights),
       optimizer=supervised.make_supervised_optimizer(section.lr, section.weight_decay),
       inputs_fn=make_inputs_fn(section, spec), loss_fn=bce_loss,
-      sampler=make_sampler(train_images, train_labels, section.batch_size, config.seed),
-      steps=steps, key=k_train, mesh=parallel.make_mesh(config.mesh), desc="classifier",
+      sampler=make_sampler(len(train_images), train_labels, section.batch_size, config.seed),
+      images=train_images, steps=steps, key=k_train, mesh=parallel.make_mesh(config.mesh), desc="classifier",
       val_fn=make_val_fn(model, spec, val_images, val_labels, 4 * section.batch_size),
       eval_every=section.eval_every or per_epoch, log_every=max(1, min(50, steps // 10)),
       plateau=(supervised.Plateau(int(section.plateau_patience), float(section.plateau_factor))

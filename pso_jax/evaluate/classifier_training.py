@@ -15,8 +15,9 @@ from pso_jax.evaluate import classifier as classifier_lib, utility
 
 
 def load_labelled_splits(workdir: str) -> dict:
+  """train, val and test with lazy image columns (decoded per batch) and resident labels."""
   from pso_jax.data import dataset
-  return {name: dataset.load_arrays(workdir, name, ("image", "labels"))
+  return {name: dataset.load_columns(workdir, name, ("image", "labels"))
           for name in ("train", "val", "test")}
 
 

@@ -60,9 +60,13 @@ def apply_in_batches(fn: Callable, arrays, batch_size: int, mesh: Optional[Mesh]
   return jax.tree.map(lambda *o: np.concatenate(o), *outs)
 
 
-def check_images(images, channels: int, what: str) -> np.ndarray:
-  """`images` as a numpy array [N, H, W, channels], or a UserError naming `what` and the shape."""
-  images = np.asarray(images)
+def check_images(images, channels: int, what: str):
+  """`images` as a numpy array [N, H, W, channels], or a UserError naming `what` and the shape.
+  A lazy column (shape, dtype and row slicing, e.g. `data.dataset.RecordColumn`) is passed on as
+  it is: `apply_in_batches` reads it one batch at a time."""
+  if not (hasattr(images, "shape") and hasattr(images, "dtype") and hasattr(images, "__getitem__")
+          and hasattr(images, "__len__")):
+    images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != channels:
     raise UserError(f"{what} expects uint8 images [N, H, W, {channels}], got "
                     f"{images.dtype} {images.shape}")

@@ -27,9 +27,11 @@ def patient_groups(patient_ids) -> list:
   return [order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def make_sampler(images, patient_ids, batch_size: int, scans_per_patient: int, seed: int):
-  """step -> batch of P = batch_size / K patients x K scans (drawn with replacement only when a
-  patient has fewer than K scans; the augmentation still makes the copies differ)."""
+def make_sampler(patient_ids, batch_size: int, scans_per_patient: int, seed: int):
+  """step -> batch of P = batch_size / K patients x K scans as record indices ("index"; the
+  trainer decodes only their images) and patient labels (scans drawn with replacement only when a
+  patient has fewer than K; the augmentation still makes the copies differ). Needs only the
+  patient ids: the P x K batches come from the records, not from images held in memory."""
   k = scans_per_patient
   if k < 2 or batch_size % k:
     raise UserError(f"config.reid.batch_size ({batch_size}) must be a multiple of "
@@ -41,7 +43,7 @@ def make_sampler(images, patient_ids, batch_size: int, scans_per_patient: int, s
     rng = np.random.default_rng([seed, step])
     chosen = rng.choice(len(groups), n_patients, replace=len(groups) < n_patients)
     idx = np.concatenate([rng.choice(groups[g], k, replace=len(groups[g]) < k) for g in chosen])
-    return {"image": images[idx], "label": np.repeat(chosen, k).astype(np.int32)}
+    return {"index": idx.astype(np.int64), "label": np.repeat(chosen, k).astype(np.int32)}
 
   return sampler
 
@@ -113,22 +115,21 @@ def train_reid(config, splits: dict, out_dir: str, key=None, seed=None) -> dict:
   section = config.reid
   check_splits(splits, section)
   train = splits["train"]
-  images = np.asarray(train["image"])
+  images = train["image"]  # an array or a lazy column: the trainer decodes its batches' rows
   spec = cnn.spec_from_config(section, head="embed", out_dim=section.embed_dim,
                               channels=images.shape[-1])
   seed = int(config.seed if seed is None else seed)
   key = jax.random.key(seed) if key is None else key
   k_init, k_train = jax.random.split(jax.random.fold_in(key, 0x5e1d))
-  sampler = make_sampler(images, train["patient_id"], section.batch_size,
-                         section.scans_per_patient, seed)
+  sampler = make_sampler(train["patient_id"], section.batch_size, section.scans_per_patient, seed)
   steps = int(section.steps)
   fitted = supervised.fit(
       model=cnn.build_cnn(spec), variables=cnn.init_cnn(spec, k_init, section.weights),
       optimizer=supervised.make_supervised_optimizer(section.lr, section.weight_decay, steps, "cosine"),
       inputs_fn=make_inputs_fn(section, spec),
       loss_fn=lambda z, batch: reid.supcon_loss(z, batch["label"], section.temperature),
-      sampler=sampler, steps=steps, key=k_train, mesh=parallel.make_mesh(config.mesh),
-      desc="train_reid", log_every=max(1, min(50, steps // 10)))
+      sampler=sampler, images=images, steps=steps, key=k_train,
+      mesh=parallel.make_mesh(config.mesh), desc="train_reid", log_every=max(1, min(50, steps // 10)))
   supervised.save_variables(reid.checkpoint_dir(out_dir), fitted.variables)
   io_utils.write_text(os.path.join(out_dir, reid.PATIENTS_FILE),
                       "".join(f"{p}\n" for p in np.unique(np.asarray(train["patient_id"]))))
@@ -157,8 +158,9 @@ def train_reid(config, splits: dict, out_dir: str, key=None, seed=None) -> dict:
 
 
 def load_splits(workdir: str, keys=("image", "patient_id")) -> dict:
+  """train, val and test with lazy image columns (decoded per batch) and resident patient ids."""
   from pso_jax.data import dataset
-  return {name: dataset.load_arrays(workdir, name, keys) for name in ("train", "val", "test")}
+  return {name: dataset.load_columns(workdir, name, keys) for name in ("train", "val", "test")}
 
 
 def train_and_write(config, splits: dict, out_dir: str, seed=None) -> dict:

@@ -7,12 +7,16 @@ The names say "supervised" (`SupervisedState`, `make_supervised_step`, `make_sup
 to keep them apart from the diffusion model's (`diffusion.train_step`, `diffusion.optim`).
 The caller supplies three pieces:
   - `sampler(step) -> dict of numpy arrays`: the global batch, a deterministic function of step,
-    so every process of a multi-host run builds the same batch and keeps its own shard;
+    so every process of a multi-host run builds the same batch and keeps its own shard. With
+    `images` (a lazy column, `data.dataset.RecordColumn`, or an array) the sampler returns record
+    indices ("index") instead of images, and each process decodes only the images of its own rows
+    of the batch, one step ahead in a background thread (streaming: memory holds a batch or two);
   - `inputs_fn(images, key) -> float inputs`: in-graph augmentation from the step key;
   - `loss_fn(outputs, batch) -> (loss, metrics)`.
 `val_fn(variables) -> float` (lower is better) picks the best checkpoint.
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -22,6 +26,7 @@ from typing import Any, Callable, Optional
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
@@ -119,27 +124,55 @@ def make_supervised_step(model, optimizer, inputs_fn: Callable, loss_fn: Callabl
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
+def batch_reader(sampler: Callable[[int], dict], images, batch_sharding, batch_size: int):
+  """step -> this process's rows of the global batch as host numpy: the sampler's small arrays cut
+  to the process's rows, and `images[index]` decoded for those rows only (or, without `images`,
+  the sampler's own "image" rows)."""
+  from pso_jax.data import pipeline  # the rows a process loads: the loaders' rule
+  rows = np.asarray(pipeline.process_rows(batch_sharding, batch_size)[jax.process_index()])
+
+  def read(step: int) -> dict:
+    batch = sampler(step)
+    local = {k: np.asarray(v)[rows] for k, v in batch.items() if k != "index"}
+    if images is not None:
+      local["image"] = np.asarray(images[np.asarray(batch["index"])[rows]])
+    return local
+
+  return read
+
+
 def fit(*, model, variables: dict, optimizer, inputs_fn: Callable, loss_fn: Callable,
         sampler: Callable[[int], dict], steps: int, key, mesh, desc: str = "train",
         val_fn: Optional[Callable[[dict], float]] = None, eval_every: int = 0,
-        log_every: int = 50, plateau: Optional[Plateau] = None) -> FitResult:
+        log_every: int = 50, plateau: Optional[Plateau] = None, images=None) -> FitResult:
   """Runs `steps` train steps; evaluates `val_fn` every `eval_every` steps and at the end
-  (and lowers the learning rate on a plateau of the validation value when `plateau` is given)."""
-  batch_size = len(sampler(0)["image"])
+  (and lowers the learning rate on a plateau of the validation value when `plateau` is given).
+  images: the training images the sampler's "index" refers to (None: it returns "image")."""
+  first = sampler(0)
+  if (images is None) == ("image" not in first):
+    raise ValueError("the sampler returns images or record indices: pass `images` exactly when "
+                     "it returns 'index'")
+  batch_size = len(first["image" if images is None else "index"])
   shards = parallel.batch_shards(mesh)
   if batch_size % shards:
     raise UserError(f"{desc}: batch size {batch_size} is not divisible by the {shards} devices the "
                     f"mesh splits a batch over; choose a batch size that is a multiple of {shards}")
   replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  read = batch_reader(sampler, images, batch_sharding, batch_size)
   step_fn = make_supervised_step(model, optimizer, inputs_fn, loss_fn, mesh)
   state = jax.device_put(create_state(variables, optimizer), replicated)
   key = jax.device_put(key, replicated)
   history, best = [], (None, 0, None)  # (best value, step, host variables)
   start = time.time()
   eval_every = eval_every or steps
-  with progress.bar(total=steps, desc=desc, unit="step") as pbar:
+  # the next batch is read (decoded) while this one trains
+  with progress.bar(total=steps, desc=desc, unit="step") as pbar, \
+      concurrent.futures.ThreadPoolExecutor(1) as reader:
+    pending = reader.submit(read, 0) if steps else None
     for step in range(steps):
-      batch = parallel.host_to_global(sampler(step), batch_sharding)
+      local = pending.result()
+      pending = reader.submit(read, step + 1) if step + 1 < steps else None
+      batch = parallel.local_rows_to_global(local, batch_sharding)
       state, metrics = step_fn(state, batch, key)
       if (step + 1) % log_every == 0 or step + 1 == steps:
         entry = {"step": step + 1, **{k: float(v) for k, v in jax.device_get(metrics).items()}}

@@ -1,0 +1,147 @@
+"""Streaming reads (issue 16 item 1): lazy record columns and resident tables equal the in-memory
+arrays (`dataset.load_arrays`), reads decode only a batch's rows, and the stages' computations
+(re-id and classifier training, embedding passes, selection's inputs, the audit's spaces) give the
+same numbers on streamed columns as on arrays held in memory."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import tolerances as T
+from conftest import load_config
+from pso_jax import parallel
+from pso_jax.data import dataset, pipeline
+from pso_jax.errors import UserError
+from pso_jax.stages import prepare
+
+KEYS = ("image", "labels", "patient_id", "path", "feature", "index")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("streaming"))
+  prepare.run(load_config("tiny"), path)
+  return path
+
+
+def _columns_and_arrays(workdir, split, keys):
+  return dataset.load_columns(workdir, split, keys), dataset.load_arrays(workdir, split, keys)
+
+
+def test_columns_and_table_equal_the_arrays(workdir):
+  cols, arrays = _columns_and_arrays(workdir, "train", KEYS)
+  image, want = cols["image"], arrays["image"]
+  assert isinstance(image, dataset.RecordColumn)
+  assert image.shape == want.shape and image.dtype == want.dtype and len(image) == len(want)
+  for k in KEYS[1:]:  # the resident table: the same values, dtypes and order
+    assert not isinstance(cols[k], dataset.RecordColumn)
+    assert cols[k].dtype == arrays[k].dtype and np.array_equal(cols[k], arrays[k]), k
+  picks = [np.array([5, 3, 3, -1, 0]), slice(2, 40, 7), np.arange(len(want)) % 3 == 1,
+           np.zeros(0, np.int64)]
+  for pick in picks:
+    T.assert_identical(image[pick], want[pick])
+  T.assert_identical(image[7], want[7])
+  T.assert_identical(np.asarray(image), want)
+  keep = np.arange(len(want)) % 2 == 0
+  view = dataset.take_rows(cols, keep)
+  T.assert_identical(view["image"][np.array([4, 1])], want[keep][[4, 1]])
+  assert np.array_equal(view["patient_id"], arrays["patient_id"][keep])
+  with pytest.raises(IndexError):
+    image[np.array([len(want)])]
+  with pytest.raises(UserError, match="no 'latent'"):
+    dataset.load_columns(workdir, "train", ("image", "latent"))
+
+
+def test_batched_passes_read_only_their_batch(workdir):
+  """FrozenNetwork (apply_in_batches) and pipeline.in_batches over a column decode one batch at a
+  time, and give the outputs of the whole array."""
+  from pso_jax.models.batched_apply import FrozenNetwork
+  image = dataset.load_columns(workdir, "val", ("image",))["image"]
+  want = dataset.load_arrays(workdir, "val", ("image",))["image"]
+  net = FrozenNetwork(lambda v, x: x.reshape(x.shape[0], -1).astype(jax.numpy.float32).sum(1) * v,
+                      np.float32(0.5), batch_size=8)
+  dataset.RecordColumn.largest_read = 0
+  got = net(image)
+  assert dataset.RecordColumn.largest_read == 8
+  T.assert_identical(got, want.reshape(len(want), -1).astype(np.float32).sum(1) * 0.5)
+  dataset.RecordColumn.largest_read = 0
+  rows = pipeline.in_batches(lambda x: x[:, 0, 0, 0].astype(np.int32), image, batch_size=5)
+  assert dataset.RecordColumn.largest_read == 5
+  T.assert_identical(rows, want[:, 0, 0, 0].astype(np.int32))
+
+
+def test_trainer_decodes_only_each_process_rows(workdir):
+  """supervised.batch_reader: a sampler of record indices -> the images of this process's rows of
+  the batch, read from the column, as the in-memory sampler's images."""
+  from pso_jax.privacy import reid_training
+  from pso_jax.training import supervised
+  cols, arrays = _columns_and_arrays(workdir, "train", ("image", "patient_id"))
+  sampler = reid_training.make_sampler(cols["patient_id"], 16, 4, seed=3)
+  mesh = parallel.data_mesh()
+  read = supervised.batch_reader(sampler, cols["image"], parallel.batch_sharding(mesh), 16)
+  for step in range(3):
+    dataset.RecordColumn.largest_read = 0
+    batch, idx = read(step), sampler(step)["index"]
+    assert dataset.RecordColumn.largest_read == 16  # one batch, not the split
+    T.assert_identical(batch["image"], arrays["image"][idx])
+    # P x K: 4 patients, 4 scans each, labels naming the patient of each row
+    pids = arrays["patient_id"][idx].reshape(4, 4)
+    assert (pids == pids[:, :1]).all() and len(set(pids[:, 0])) == 4
+    assert "index" not in batch and batch["label"].shape == (16,)
+
+
+def test_reid_and_classifier_training_equal_in_memory(workdir):
+  """The same training on streamed columns and on arrays in memory: bit-identical weights,
+  calibration and test figures (same batches, same programs)."""
+  from pso_jax.evaluate import classifier_training
+  from pso_jax.privacy import reid_training
+  config = load_config("tiny")
+  config.reid.steps = config.classifier.steps = 6
+  out = {}
+  for how in ("stream", "memory"):
+    if how == "stream":
+      reid_splits = reid_training.load_splits(workdir)
+      cls_splits = classifier_training.load_labelled_splits(workdir)
+      assert isinstance(reid_splits["train"]["image"], dataset.RecordColumn)
+    else:
+      reid_splits = {s: dataset.load_arrays(workdir, s, ("image", "patient_id"))
+                     for s in ("train", "val", "test")}
+      cls_splits = {s: dataset.load_arrays(workdir, s, ("image", "labels"))
+                    for s in ("train", "val", "test")}
+    base = os.path.join(workdir, "out_" + how)
+    reid_result = reid_training.train_reid(config, reid_splits, os.path.join(base, "reid"))
+    cls_result = classifier_training.train_and_test(config, cls_splits,
+                                                    os.path.join(base, "classifier"))
+    out[how] = (reid_result, cls_result)
+  (r_s, c_s), (r_m, c_m) = out["stream"], out["memory"]
+  for k in ("tau", "auc", "tpr", "fpr", "final_loss"):
+    T.assert_identical(np.float64(r_s[k]), np.float64(r_m[k]), k)
+  T.assert_identical(np.float64(c_s["mean_auroc"]), np.float64(c_m["mean_auroc"]))
+  T.assert_identical(np.float64(c_s["training"]["best_val_loss"]),
+                     np.float64(c_m["training"]["best_val_loss"]))
+  T.assert_identical(np.float64(c_s["training"]["final_train_loss"]),
+                     np.float64(c_m["training"]["final_train_loss"]))
+
+
+def test_audit_attackers_equal_in_memory(workdir):
+  """The pixels and features attackers embed streamed columns (in batches) as the whole arrays;
+  the pixels space checked against a numpy reference written here."""
+  from pso_jax.privacy import attackers
+  config = load_config("tiny")
+  cols, arrays = _columns_and_arrays(workdir, "train", ("image",))
+  size = int(config.audit.pixel_size)
+  x = arrays["image"].astype(np.float64)
+  n, h, w, c = x.shape
+  pooled = x.reshape(n, size, h // size, size, w // size, c).mean(axis=(2, 4)).reshape(n, -1)
+  pooled -= pooled.mean(1, keepdims=True)
+  want = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+  got = attackers.PixelEmbedder(size).embed(cols["image"])
+  T.assert_close(got, want.astype(np.float32), T.EPS32)
+  T.assert_identical(got, attackers.PixelEmbedder(size).embed(arrays["image"]))
+  stream = attackers.FeatureEmbedder(config, cols["image"])
+  memory = attackers.FeatureEmbedder(config, arrays["image"])
+  T.assert_identical(stream.raw_train, memory.raw_train)
+  val = dataset.load_columns(workdir, "val", ("image",))["image"]
+  T.assert_identical(stream.embed(val), memory.embed(np.asarray(val)))
