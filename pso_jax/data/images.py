@@ -1,5 +1,7 @@
 """Image files -> uint8 [H, W, C] arrays: PIL decode, scale to 8 bits, grey or RGB, resize
-(reference: PIL default filter, aspect ratio not kept; docs/method.md §1.4).
+(reference: PIL default filter, aspect ratio not kept; docs/method.md §1.4). DICOM files (by
+extension .dcm/.dicom or by their DICM marker) are read by pso_jax.data.dicom (rescale, window,
+MONOCHROME1 inverted) and then converted and resized like any other file.
 
 `check_images` runs before any decoding: every listed file exists, lies inside the image root
 (links followed) and has a readable header, so a bad file is named with its filelist line before
@@ -13,6 +15,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from pso_jax.data import dicom
 from pso_jax.errors import UserError
 
 # rule -> how a value x becomes x' in 0..1 (then x' * 255, rounded)
@@ -21,6 +24,7 @@ SCALING = {
     "12-bit in 16": "x / 4095",       # integers wider than 8 bits, all <= 4095 (DICOM-style 12 bits)
     "16-bit": "x / 65535",            # other integers in 0..65535
     "range": "(x - min) / (max - min)",  # float files, and integers outside 0..65535 (signed, 32-bit)
+    **dicom.RULES,                    # DICOM files: by their own header (pso_jax.data.dicom)
 }
 _SHOWN = 5  # missing files named in the message
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -47,6 +51,9 @@ def _cannot_decode(path: str, error: Exception, where: str = "") -> UserError:
 
 
 def _header_error(path: str) -> Exception | None:
+  if dicom.is_dicom(path):
+    problem = dicom.header_problem(path)
+    return None if problem is None else UserError(problem)
   try:
     with Image.open(path) as im:
       im.verify()  # PNG: every chunk's checksum up to its end, without decoding; JPEG: the header
@@ -80,6 +87,8 @@ def check_images(image_root: str, table, threads: int | None = None) -> None:
   threads = threads or min(8, os.cpu_count() or 1)
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
     for i, error in enumerate(pool.map(_header_error, files)):  # in file order
+      if isinstance(error, UserError):  # a DICOM file that holds no image pso_jax can read
+        raise UserError(f"{_named(files[i], table.where(i))} {error}")
       if error is not None:
         raise _cannot_decode(files[i], error, table.where(i))
 
@@ -104,17 +113,28 @@ def _to_8bit(im: Image.Image, path: str, where: str) -> tuple[Image.Image, str]:
 def load_image(path: str, image_size: int, channels: int, where: str = "") -> tuple[np.ndarray, str]:
   """(uint8 [image_size, image_size, channels], SCALING rule); an unreadable or truncated file is
   a UserError (`where`: its filelist line, for the message)."""
+  if dicom.is_dicom(path):
+    try:
+      unit, rule = dicom.read_unit(path)
+    except UserError as e:
+      raise UserError(f"{where}: {e}" if where else str(e)) from None
+    im = Image.fromarray(np.rint(unit * 255).astype(np.uint8))
+    return _resized(im, image_size, channels), rule
   try:
     with Image.open(path) as im:
       im.load()  # decodes fully: truncated files fail here, not later
       im, rule = _to_8bit(im, path, where)
-      im = im.convert("L" if channels == 1 else "RGB")
-      if im.size != (image_size, image_size):
-        im = im.resize((image_size, image_size), Image.BICUBIC)
-      arr = np.asarray(im, dtype=np.uint8)
+      return _resized(im, image_size, channels), rule
   except _DECODE_ERRORS as e:
     raise _cannot_decode(path, e, where) from None
-  return arr.reshape(image_size, image_size, channels), rule
+
+
+def _resized(im: Image.Image, image_size: int, channels: int) -> np.ndarray:
+  """An 8-bit image as uint8 [image_size, image_size, channels]: grey or RGB, PIL bicubic."""
+  im = im.convert("L" if channels == 1 else "RGB")
+  if im.size != (image_size, image_size):
+    im = im.resize((image_size, image_size), Image.BICUBIC)
+  return np.asarray(im, dtype=np.uint8).reshape(image_size, image_size, channels)
 
 
 def load_images(image_root: str, relative_paths, image_size: int, channels: int, where=None,
