@@ -145,7 +145,7 @@ def test_5_every_stage_checks_its_ranges(mode, field, value, needle):
 
 @pytest.mark.parametrize("mode", ["sample", "select"])
 @pytest.mark.parametrize("overrides, needle", [
-    ({"regulariser.enabled": False}, "guide='null_cond' needs a conditional model trained with"),
+    ({"regulariser.enabled": False}, "regulariser.enabled=False turns condition dropout off"),
     ({"sample.guide": "separate"}, "guide='separate' needs --config.sample.guide_workdir"),
     ({"sample.guide": "autoguidance"}, "guide='autoguidance' needs --config.sample.guide_step"),
 ], ids=["null_cond without dropout", "separate without workdir", "autoguidance without step"])

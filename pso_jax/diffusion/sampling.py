@@ -6,13 +6,14 @@ conditioned on, the fingerprint of the model that made the images, and the previ
 import dataclasses
 import hashlib
 import json
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pso_jax import workdir as workdir_lib
-from pso_jax.diffusion import denoiser
+from pso_jax.diffusion import denoiser, train_setup
 from pso_jax.diffusion import sampler as sampler_lib
 from pso_jax.errors import UserError, require
 
@@ -96,6 +97,9 @@ def weight_checksum(variables) -> float:
   return float(np.asarray(_checksum(variables))) if variables is not None else 0.0
 
 
+UNGUIDED = "--config.sample.guidance=1 --config.select.guidance_step=0"  # g = 1 in every round
+
+
 def check_guide(config, guided: bool) -> None:
   """What the configured guide needs from the config alone (checked before any work)."""
   from pso_jax.models.presets import cond_dim
@@ -103,18 +107,67 @@ def check_guide(config, guided: bool) -> None:
   if not guided:
     return
   if s.guide == "null_cond":
-    dropout = config.regulariser.enabled and config.regulariser.cond_dropout > 0
-    require(cond_dim(config) > 0 and dropout,
-            "config.sample.guide='null_cond' needs a conditional model trained with condition "
-            "dropout (config.regulariser.cond_dropout > 0), which this one is not; use "
-            "--config.sample.guide=separate with --config.sample.guide_workdir=<unconditional "
-            "run>, or --config.sample.guidance=1")
+    r = config.regulariser
+    if cond_dim(config) == 0:
+      why = "this model is unconditional (config.model.cond='uncond')"
+    elif not r.enabled:
+      why = ("config.regulariser.enabled=False turns condition dropout off, so the model never "
+             "learns the null condition")
+    elif r.cond_dropout <= 0:
+      why = ("config.regulariser.cond_dropout=0 (no condition dropout), so the model never "
+             "learns the null condition")
+    else:
+      why = ""
+    require(not why,
+            f"config.sample.guide='null_cond' guides with the model's own null condition, but {why}. "
+            f"Sample unguided ({UNGUIDED}), or guide with an unconditional model "
+            "(--config.sample.guide=separate --config.sample.guide_workdir=<its workdir>) or an "
+            "earlier checkpoint (--config.sample.guide=autoguidance --config.sample.guide_step=N)")
   elif s.guide == "separate":
     require(bool(s.guide_workdir), "config.sample.guide='separate' needs "
             "--config.sample.guide_workdir=<workdir of an unconditional model>")
   else:
     require(int(s.guide_step) >= 0, "config.sample.guide='autoguidance' needs "
             "--config.sample.guide_step=<an earlier checkpoint step of this model>")
+    check_guide_step(config)
+
+
+def checkpoint_steps(config) -> tuple[int, int]:
+  """(total steps, checkpoint interval in steps) of the train stage: a checkpoint is saved at
+  every multiple of the interval and at the last step."""
+  batch = int(config.train.batch_size)
+  return (-(-int(config.train.total_images) // batch),
+          train_setup.every(config.train.checkpoint_images, batch))
+
+
+def check_guide_step(config) -> None:
+  """Autoguidance's guide_step is a checkpoint the train stage saves, before the last one (the
+  last is the model itself), and its EMA width can be had there."""
+  step, total, interval = int(config.sample.guide_step), *checkpoint_steps(config)
+  saved = [s for s in (interval, 2 * interval) if s < total]
+  require(0 < step < total and step % interval == 0,
+          f"config.sample.guide_step={step} is not an earlier checkpoint of this run: training "
+          f"saves one every {interval} steps (config.train.checkpoint_images / batch_size) up to "
+          f"step {total}; choose a multiple of {interval} below {total}"
+          + (f", e.g. {', '.join(map(str, saved))}" if saved else
+             " (this run saves none: lower config.train.checkpoint_images)"))
+  ema_std = float(config.sample.ema_std)
+  tracked = any(math.isclose(float(t), ema_std, rel_tol=1e-6) for t in config.train.ema_stds)
+  if ema_std > 0 and not tracked:  # reconstructed post hoc from the snapshots up to that step
+    first = train_setup.every(config.train.snapshot_images, int(config.train.batch_size))
+    require(step >= first,
+            f"config.sample.ema_std={ema_std} is not a tracked EMA width, so the guide at "
+            f"config.sample.guide_step={step} would be reconstructed from EMA snapshots, but the "
+            f"first is saved at step {first}; use a tracked width "
+            f"({tuple(config.train.ema_stds)}), 0 (raw weights) or a later guide_step")
+
+
+def kept_checkpoint_steps(config) -> tuple[int, ...]:
+  """Checkpoints the train stage keeps beyond the newest config.train.keep_checkpoints: the
+  autoguidance guide's, which sampling loads after training."""
+  if config.sample.guide == "autoguidance" and int(config.sample.guide_step) > 0:
+    return (int(config.sample.guide_step),)
+  return ()
 
 
 def _guide(config, workdir, net: sampler_lib.Denoiser):

@@ -11,8 +11,8 @@ import math
 
 from pso_jax import parallel
 from pso_jax.data import filelists, latents, prepare_plan
-from pso_jax.diffusion import sampling, train_setup
-from pso_jax.errors import require
+from pso_jax.diffusion import regulariser, sampling, train_setup
+from pso_jax.errors import UserError, require
 from pso_jax.models import cnn, presets
 from pso_jax.privacy import attackers, reid, selection
 from pso_jax.training import augment
@@ -136,8 +136,34 @@ def check_train(config) -> None:
   number(config, "diffusion.p_mean")
   train_setup.check_config(config)
   presets.build_model(config)  # preset, input size, dtype
+  _regulariser_fits_the_model(config)
+  if config.sample.guide == "autoguidance" and _guided(config):
+    # the guide is one of this run's checkpoints: train must know which one to keep
+    require(int(config.sample.guide_step) >= 0,
+            "config.sample.guide='autoguidance' needs --config.sample.guide_step=<an earlier "
+            "checkpoint step> before training, so that train keeps that checkpoint")
+    sampling.check_guide_step(config)
   parallel.micro_batch_size(int(config.train.batch_size), int(config.train.grad_accum),
                             parallel.make_mesh(config.mesh))
+
+
+def _regulariser_fits_the_model(config) -> None:
+  """Regulariser parts that would silently do nothing, or cannot be built, are refused."""
+  r = config.regulariser
+  if not r.enabled:
+    return
+  if config.model.cond == "uncond":
+    parts = [f"{name}={r[name]}" for name in ("cond_dropout", "jitter", "kanon_k") if r[name] > 0]
+    require(not parts, f"config.model.cond='uncond' has no condition for the regulariser to act "
+            f"on, yet config.regulariser has {', '.join(parts)}; add "
+            "--config.regulariser.enabled=False")
+  if regulariser.uses_kanon(r) and config.data.source == "phantom":
+    p = config.data.phantom
+    pool = int(p.num_patients) - int(config.data.attacker_patients)
+    train_patients = pool - math.ceil((1 - float(config.data.split_fractions[0])) * pool)
+    require(int(r.kanon_k) < train_patients,
+            f"config.regulariser.kanon_k={r.kanon_k} needs more than {r.kanon_k} patients in the "
+            f"train split, which has at most {train_patients}; lower kanon_k (0 = off)")
 
 
 def _cnn(config, section: str) -> None:
@@ -188,16 +214,34 @@ def _sampling(config, guided: bool) -> None:
   sampling.check_guide(config, guided)
 
 
+def _sample_guided(config) -> bool:
+  return float(config.sample.guidance) != 1.0
+
+
+def _select_guided(config) -> bool:
+  """Any selection round with g != 1 (rounds lower g by select.guidance_step from sample.guidance)."""
+  return any(g != 1.0 for g in selection.SelectionRule.from_config(config).guidances())
+
+
+def _guided(config) -> bool:
+  """Whether sample or select would load a guide (a bad select setting counts as guided here:
+  the select check names it when select is run)."""
+  try:
+    return _sample_guided(config) or _select_guided(config)
+  except UserError:
+    return True
+
+
 def check_sample(config) -> None:
   count(config, "sample.grid")
-  _sampling(config, guided=float(config.sample.guidance) != 1.0)
+  _sampling(config, guided=_sample_guided(config))
 
 
 def check_select(config) -> None:
-  rule = selection.SelectionRule.from_config(config)
+  selection.SelectionRule.from_config(config)
   count(config, "select.chunk_images")
   number(config, "select.guidance_floor", 0)
-  _sampling(config, guided=any(g != 1.0 for g in rule.guidances()))
+  _sampling(config, guided=_select_guided(config))
 
 
 def check_audit(config) -> None:

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from pso_jax import parallel, progress, stages
 from pso_jax.data import pipeline
-from pso_jax.diffusion import denoiser, train_setup
+from pso_jax.diffusion import denoiser, sampling, train_setup
 from pso_jax.diffusion import train_step as step_lib
 from pso_jax.errors import UserError
 from pso_jax.models import presets
@@ -131,6 +131,7 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
   source = train_setup.RelocatableSource(load_split(workdir, "train"))
   ckpt = ckpt_lib.Checkpointer(denoiser.checkpoint_dir(workdir),
                                keep=int(config.train.keep_checkpoints),
+                               keep_steps=sampling.kept_checkpoint_steps(config),  # the guide's
                                async_save=bool(config.train.async_checkpoint))
   # closed in reverse order on any exit, a failed setup or compile included; a close that fails
   # while an error is on its way out (a full disk flushing the metrics) does not replace it

@@ -2,7 +2,8 @@
 
 Layout under `diffusion/`:
   checkpoints/<step>/{state, data_iter, meta}   orbax, atomic (written to a temporary folder and
-                                                renamed when complete), the newest N kept;
+                                                renamed when complete), the newest N kept
+                                                and any step named in keep_steps;
   ema_snapshots/ema-<nimg>-<std>.npz            EMA weights every snapshot_images, kept for
                                                 post-hoc reconstruction of any EMA width;
   corrupt_checkpoints/<step>/                   checkpoints that did not restore (a truncated
@@ -39,12 +40,17 @@ def _handlers():
 class Checkpointer:
   """The run's CheckpointManager: save(step, state, iterator, meta) / restore(step, target, it)."""
 
-  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int, keep_steps=(), async_save: bool = True):
+    """keep: the newest this many checkpoints survive each save; keep_steps: these steps survive
+    too, whatever their age (autoguidance's guide, which sampling loads after training)."""
     self.directory = os.path.abspath(directory)
     self._failed = False
-    options = ocp.CheckpointManagerOptions(max_to_keep=max(1, int(keep)), create=True,
-                                           cleanup_tmp_directories=True,
-                                           enable_async_checkpointing=bool(async_save))
+    policies = [ocp.checkpoint_managers.LatestN(max(1, int(keep)))]
+    if keep_steps:
+      policies.append(ocp.checkpoint_managers.CustomSteps([int(s) for s in keep_steps]))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies), create=True,
+        cleanup_tmp_directories=True, enable_async_checkpointing=bool(async_save))
     self.manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(),
                                          options=options)
 
