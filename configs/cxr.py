@@ -246,6 +246,18 @@ def _recipe():
 
   c.report = rp = ml_collections.ConfigDict()
   rp.grid = 8
+
+  # ---------------------------------------------------------------- --mode=compare
+  # the paper's comparison (pso_jax/report/comparison.py: METHODS); not run by --mode=pipeline
+  c.compare = cp = ml_collections.ConfigDict()
+  cp.methods = ("edm2_uncond", "edm2_class", "diadm", "diadm_autoguidance", "ours")
+  cp.unselected = True             # also release each method without selection (one sample per
+                                   # training image, nothing rejected), audited and evaluated
+  cp.guidance = (0.7, 1.0, 1.2, 1.5, 1.7)  # guidance sweep of sweep_method (unselected releases
+                                   # of one trained model); () = no sweep
+  cp.sweep_method = "ours"
+  cp.autoguidance_step = -1        # diadm_autoguidance's guide checkpoint (<0: the first saved at
+                                   # or after a tenth of training)
   return c
 
 
@@ -352,6 +364,7 @@ def _tiny(c):
   c.audit.power_draws = 4
   c.audit.power_shares = (0.1,)
   c.evaluate.bootstrap = 50
+  c.compare.guidance = (1.0, 1.5)
   return c
 
 
