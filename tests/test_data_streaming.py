@@ -145,3 +145,41 @@ def test_audit_attackers_equal_in_memory(workdir):
   T.assert_identical(stream.raw_train, memory.raw_train)
   val = dataset.load_columns(workdir, "val", ("image",))["image"]
   T.assert_identical(stream.embed(val), memory.embed(np.asarray(val)))
+
+
+def test_selection_inputs_equal_in_memory(tiny_trained_workdir):
+  """select's inputs from streamed columns (re-id embeddings and classifier outputs of every
+  training image, conditions, labels) equal those from the arrays in memory."""
+  from pso_jax.privacy import selection_workdir
+  config, wd = tiny_trained_workdir
+  keys = ("image", "labels", "patient_id", "path", "feature")
+  cols, arrays = _columns_and_arrays(wd, "train", keys)
+  dataset.RecordColumn.largest_read = 0
+  stream = selection_workdir.build_inputs(config, wd, cols, generate=None)
+  assert 0 < dataset.RecordColumn.largest_read <= len(arrays["image"])
+  memory = selection_workdir.build_inputs(config, wd, arrays, generate=None)
+  for k in ("real_embeddings", "real_probs", "conditions", "labels", "patients"):
+    T.assert_identical(getattr(stream, k), getattr(memory, k), k)
+  assert stream.paths == memory.paths
+
+
+def test_audit_spaces_equal_in_memory(tiny_trained_workdir):
+  """The audit's spaces (every attacker's embeddings of training and holdout images) from streamed
+  columns equal those from arrays, the holdout a view under the training split's label rule."""
+  from pso_jax.privacy import attackers, audit, release_audit
+  config, wd = tiny_trained_workdir
+  train, val = audit.load_real(wd, "train"), audit.load_real(wd, "val")
+  holdout = release_audit.load_holdout(config, wd)
+  assert isinstance(holdout["image"], dataset.RecordColumn)
+  memory = {k: {c: np.asarray(v) for c, v in x.items()}
+            for k, x in (("train", train), ("val", val), ("holdout", holdout))}
+  out = {}
+  for how, d in (("stream", dict(train=train, val=val, holdout=holdout)), ("memory", memory)):
+    atk = attackers.build(config, wd, os.path.join(wd, "unused"), d["train"], d["val"],
+                          d["holdout"])
+    out[how] = release_audit.spaces(config, atk, d["train"], d["holdout"], 8)
+  for s, m in zip(out["stream"], out["memory"]):
+    assert s.attacker.name == m.attacker.name and s.attacker.tau == m.attacker.tau
+    T.assert_identical(s.train_embeddings, m.train_embeddings, s.attacker.name)
+    T.assert_identical(s.reference.holdout, m.reference.holdout, s.attacker.name)
+    assert s.reference.tau == m.reference.tau

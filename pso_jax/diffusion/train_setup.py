@@ -47,10 +47,11 @@ def kanon_table(config, workdir: str, out_dir: str):
   """[N_train, d] k-anonymous conditions (neighbours found once and kept in diffusion/)."""
   if config.model.cond == "uncond" or not regulariser.uses_kanon(config.regulariser):
     return None
-  from pso_jax.data.dataset import load_arrays
+  from pso_jax.data.dataset import load_table
   k = int(config.regulariser.kanon_k)
   cond_key = "feature" if config.model.cond == "pseudo" else "labels"
-  arrays = load_arrays(workdir, "train", keys=tuple({"feature", cond_key, "patient_id"}))
+  # the condition table is resident (N x d); the images are dropped as the records stream past
+  arrays = load_table(workdir, "train", keys=tuple({"feature", cond_key, "patient_id"}))
   path = os.path.join(out_dir, f"kanon_neighbours_k{k}.npy")
   if os.path.exists(path):
     neighbours = np.load(path)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pso_jax import io_utils
-from pso_jax.data import features, filelists
+from pso_jax.data import features, filelists, pipeline
 from pso_jax.errors import UserError
 from pso_jax.privacy import reid
 
@@ -50,13 +50,22 @@ class Attacker:
 # ----------------------------------------------------------------------------- embedders
 
 class PixelEmbedder:
-  """Images average-pooled to size x size (x channels), mean-free, unit-norm."""
+  """Images average-pooled to size x size (x channels), mean-free, unit-norm; computed row by row,
+  so images (an array or a lazy column) are read a batch at a time."""
 
   def __init__(self, size: int):
     self.size = int(size)
 
   def embed(self, images) -> np.ndarray:
-    x = np.asarray(images)
+    done = [0]  # rows before the current batch, for the error's row number
+
+    def batch(x):
+      out = self._embed(x, done[0])
+      done[0] += len(x)
+      return out
+    return pipeline.in_batches(batch, images)
+
+  def _embed(self, x, offset: int) -> np.ndarray:
     n, h, w, c = x.shape
     if h % self.size or w % self.size:
       raise UserError(f"config.audit.pixel_size={self.size} must divide the image size {h}x{w}")
@@ -67,21 +76,26 @@ class PixelEmbedder:
     flat = norm[:, 0] == 0
     if flat.any():
       raise UserError(f"the pixels attacker cannot compare {int(flat.sum())} images without any "
-                      f"contrast (first: row {int(np.argmax(flat))}): their normalised pixels "
+                      f"contrast (first: row {offset + int(np.argmax(flat))}): their normalised pixels "
                       "are undefined; drop them from the set")
     return (x / norm).astype(np.float32)
 
 
 class FeatureEmbedder:
   """The pseudo-conditioning features of any image, as prepare computed them for the real ones
-  (raw features whitened with the training split's statistics for random projections)."""
+  (raw features whitened with the training split's statistics for random projections). Raw
+  features are per image: images (arrays or lazy columns) are read a batch at a time; the raw
+  training features [N, raw dim] stay resident."""
 
   def __init__(self, config, train_images):
     self.config = config
-    self.raw_train = features.raw_features(config, np.asarray(train_images))
+    self.raw_train = self._raw(train_images)
+
+  def _raw(self, images) -> np.ndarray:
+    return pipeline.in_batches(lambda x: features.raw_features(self.config, x), images)
 
   def embed(self, images) -> np.ndarray:
-    raw = {"train": self.raw_train, "query": features.raw_features(self.config, np.asarray(images))}
+    raw = {"train": self.raw_train, "query": self._raw(images)}
     return features.finalise(self.config, raw)["query"]
 
 
@@ -180,7 +194,7 @@ def attacker_split(workdir: str) -> dict:
     raise UserError("config.audit.attackers names 'reid', but the prepared data has no attacker "
                     "split: prepare a new workdir with --config.data.attacker_patients=N (patients "
                     "set aside for the attacker), or drop 'reid' from config.audit.attackers")
-  return dataset.load_arrays(workdir, filelists.ATTACKER, keys=("image", "patient_id"))
+  return dataset.load_columns(workdir, filelists.ATTACKER, keys=("image", "patient_id"))
 
 
 def _reid_attacker(config, workdir: str, out_dir: str, train, val, holdout):

@@ -281,7 +281,7 @@ def check_canaries(result: dict, canaries: canaries_lib.Canaries) -> dict:
 
 def load_real(workdir: str, split: str) -> dict:
   from pso_jax.data import dataset
-  return dataset.load_arrays(workdir, split, keys=("image", "patient_id"))
+  return dataset.load_columns(workdir, split, keys=("image", "patient_id"))
 
 
 def _multiple_comparisons(reid_info: dict, n_train: int, summary: dict) -> dict:

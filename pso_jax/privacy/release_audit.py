@@ -32,9 +32,9 @@ def load_holdout(config, workdir: str) -> dict:
   so holdout, training and released images are then alike."""
   from pso_jax.data import dataset, filelists
   split = str(config.audit.holdout_split)
-  rows = dataset.load_arrays(workdir, split, keys=("image", "patient_id", "labels"))
+  rows = dataset.load_columns(workdir, split, keys=("image", "patient_id", "labels"))
   keep = filelists.keep_rows(rows["labels"], "train", bool(config.data.single_label_train_val))
-  return {k: v[keep] for k, v in rows.items()}
+  return dataset.take_rows(rows, keep)  # the image column becomes a view: nothing is read
 
 
 def spaces(config, attacker_list, train: dict, holdout: dict, n_audited: int, *, mesh=None):

@@ -17,12 +17,13 @@ from pso_jax.diffusion import sampling
 
 def run(config, workdir: str, **options) -> dict:
   from pso_jax.data.release import write_png
-  from pso_jax.data.dataset import load_arrays
+  from pso_jax.data.dataset import load_columns
   finished = stages.done(workdir, "sample")
   if finished is not None:
     return finished
   sampling.check_sample_config(config)
-  train = load_arrays(workdir, "train", keys=("image", "labels", "feature"))
+  # images stream (the grid decodes its few rows); labels and features stay resident
+  train = load_columns(workdir, "train", keys=("image", "labels", "feature"))
   conditions = sampling.conditions_for(config, train)
   side = max(int(config.sample.grid), 1)
   count = min(max(side // 2, 1) * side, len(conditions))
@@ -41,6 +42,6 @@ def run(config, workdir: str, **options) -> dict:
                      int(config.sample.steps), loaded.sampler.ref is not None and guidance != 1.0))
   if jax.process_index() == 0:
     write_png(os.path.join(stages.output_dir(workdir, "sample"), "grid.png"),
-              sampling.preview_grid(np.asarray(train["image"])[pick], generated, side))
+              sampling.preview_grid(train["image"][pick], generated, side))
   stages.finish(workdir, "sample", summary)
   return summary

@@ -23,7 +23,7 @@ from pso_jax.privacy import selection, selection_workdir
 
 
 def run(config, workdir: str, *, stop_after_chunks=None, **options) -> dict:
-  from pso_jax.data.dataset import load_arrays
+  from pso_jax.data.dataset import load_columns
   finished = stages.done(workdir, "select")
   if finished is not None:
     return finished
@@ -32,7 +32,8 @@ def run(config, workdir: str, *, stop_after_chunks=None, **options) -> dict:
   chunk_images = int(config.select.chunk_images)
   require(chunk_images >= 1, f"config.select.chunk_images={chunk_images} must be >= 1")
   sampling.check_sample_config(config)
-  train = load_arrays(workdir, "train", keys=("image", "labels", "patient_id", "path", "feature"))
+  # images stream through the embedding passes; labels, ids, paths and features stay resident
+  train = load_columns(workdir, "train", keys=("image", "labels", "patient_id", "path", "feature"))
   sampling.conditions_for(config, train)  # features present and of the model's size
   guided = any(g != 1.0 for g in rule.guidances())
   loaded = sampling.load_sampler(config, workdir, stream=sampling.SELECT_STREAM, guided=guided)
@@ -46,7 +47,7 @@ def run(config, workdir: str, *, stop_after_chunks=None, **options) -> dict:
   n_chunks = -(-len(inputs.paths) // chunk_images)
   if len(stats) < n_chunks:  # stopped early on request (tests of resumption)
     return dict(chunks_done=len(stats), chunks=n_chunks)
-  extra = dict(fingerprint=loaded.fingerprint, image_shape=list(np.asarray(train["image"]).shape[1:]),
+  extra = dict(fingerprint=loaded.fingerprint, image_shape=list(train["image"].shape[1:]),
                steps=int(config.sample.steps), guide=config.sample.guide,
                ema_std=float(config.sample.ema_std),
                evaluations_per_candidate=selection_workdir.selection_evaluations(config, guided))
