@@ -331,3 +331,63 @@ def test_source_paths_never_name_an_output_file(tmp_path):
   outside = [os.path.join(base, f) for base, _, files in os.walk(tmp_path) for f in files
              if not os.path.join(base, f).startswith(str(workdir) + os.sep)]
   assert outside == [str(victim)]
+
+
+# ------------------------------------------------------------------ k per real image, k-anonymous conditions
+
+def test_per_real_releases_k_distinct_unlinked_images_per_real_one(tmp_path):
+  """select.per_real = k: every real image that gets k survivors over its rounds has exactly k
+  released images, all distinct, none linked to any training patient by an independent float64
+  search; the release holds k x the accepted real images (counted from the files)."""
+  train = toy_train()
+  tau, k = 0.9, 3
+  inputs = make_inputs(train, copying_generator(train, lambda g: 0.5), tau)
+  rule = sel.SelectionRule(n_candidates=4, guidance=1.0, guidance_step=0.0, guidance_floor=1.0,
+                           max_rounds=6, second=False, per_real=k)
+  run_selection(str(tmp_path), inputs, rule, chunk_images=5)
+  records = [json.loads(l) for l in open(tmp_path / "synthetic" / "selection.jsonl")]
+  check = brute_force_search(inputs.real_embeddings, inputs.patients, tau)
+  n_images = len(train["path"])
+  survivors = np.zeros(n_images, int)
+  for r in records:  # every candidate regenerated from its seed and searched again
+    image = inputs.generate(np.array([r["seed"]]), inputs.conditions[[r["index"]]], np.ones(1))
+    survivors[r["index"]] += int(check(inputs.embed(image))[0][0] == 0)
+  assert (survivors >= k).all(), "the toy should give every image k survivors within its rounds"
+  released = synthetic_set.load_released(str(tmp_path))
+  assert len(released["paths"]) == k * n_images
+  assert np.bincount(released["source_index"], minlength=n_images).tolist() == [k] * n_images
+  flat = released["images"].reshape(len(released["paths"]), -1)
+  assert len({row.tobytes() for row in flat}) == len(flat)  # all distinct
+  assert (check(inputs.embed(released["images"]))[0] == 0).all()  # none linked to a patient
+  # an image leaves the rounds once it has k: no round after the one that completed it
+  for i in range(n_images):
+    mine = [r for r in records if r["index"] == i]
+    done = max(r["round"] for r in mine if r["rank"] >= 0)
+    assert max(r["round"] for r in mine) == done
+    assert sorted(r["rank"] for r in mine if r["rank"] >= 0) == list(range(k))
+  with pytest.raises(UserError, match="per_real"):
+    sel.SelectionRule(4, 1.0, 0.0, 1.0, 2, True, per_real=2).validate()
+
+
+def test_anonymous_conditions_are_the_mean_of_k_other_patients_with_the_same_findings():
+  rng = np.random.default_rng(5)
+  n_patients, scans, dim, k = 12, 3, 6, 3
+  patients = np.repeat(np.arange(n_patients), scans)
+  cond = rng.normal(size=(len(patients), dim)).astype(np.float32)
+  cond /= np.linalg.norm(cond, axis=1, keepdims=True)
+  labels = np.zeros((len(patients), 8), np.float32)
+  finding = rng.integers(0, 2, len(patients))  # two findings groups of many patients ...
+  finding[:2] = 7                              # ... and one of a single patient: any findings
+  labels[np.arange(len(patients)), finding] = 1
+  ours = sel.anonymous_conditions(cond, labels, patients, k)
+  for i in range(len(patients)):  # brute force: rank images by similarity, first per patient
+    same = [j for j in range(len(patients)) if (labels[j] == labels[i]).all()]
+    pool = same if len({patients[j] for j in same} - {patients[i]}) >= k else range(len(patients))
+    order = sorted(pool, key=lambda j: -float(cond[i].astype(np.float64) @ cond[j]))
+    picked, seen = [], {patients[i]}
+    for j in order:
+      if patients[j] not in seen:
+        picked.append(j)
+        seen.add(patients[j])
+    mean = cond[picked[:k]].astype(np.float64).mean(axis=0)
+    T.assert_close(ours[i], mean / np.linalg.norm(mean), T.reduction_rtol(k * dim))

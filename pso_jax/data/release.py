@@ -100,20 +100,24 @@ class ReleaseWriter:
                       f"{self.workdir!r}; select writes only inside it: remove the link")
     return path
 
-  def name(self, index: int, second: bool) -> str:
-    """The release-relative file name of source image `index`'s primary or second image."""
-    message = f"{int(index)}:{SECOND if second else KEPT}".encode()
+  def name(self, index: int, rank) -> str:
+    """The release-relative file name of source image `index`'s primary (rank 0 or False), second
+    (rank 1 or True) or further (config.select.per_real) image."""
+    rank = int(rank)
+    message = f"{int(index)}:{KEPT if rank == 0 else SECOND if rank == 1 else f'{SECOND}{rank}'}"
+    message = message.encode()
     return "images/" + hmac.new(self.key, message, hashlib.sha256).hexdigest()[:32] + ".png"
 
-  def save(self, index: int, second: bool, image: np.ndarray) -> None:
-    write_png(self._path(self.name(index, second)), image)
+  def save(self, index: int, rank, image: np.ndarray) -> None:
+    write_png(self._path(self.name(index, rank)), image)
 
   def write_lists(self, released: list, paths, labels) -> None:
-    """released: (index, second) pairs in source order; paths, labels: indexed by source index.
+    """released: (index, rank) pairs in source order; paths, labels: indexed by source index.
     Writes the internal name -> source index and the release's filelist in name order."""
-    names = [self.name(i, second) for i, second in released]
-    index_lines = [json.dumps(dict(name=n, index=int(i), second=bool(second), path=str(paths[i])),
-                              sort_keys=True) + "\n" for n, (i, second) in zip(names, released)]
+    names = [self.name(i, rank) for i, rank in released]
+    index_lines = [json.dumps(dict(name=n, index=int(i), second=bool(rank), rank=int(rank),
+                                   path=str(paths[i])), sort_keys=True) + "\n"
+                   for n, (i, rank) in zip(names, released)]
     io_utils.write_text(os.path.join(self.workdir, SUBDIR, INDEX_FILE), "".join(index_lines))
     lines = sorted(n + " " + " ".join(str(int(v)) for v in labels[i]) + "\n"
                    for n, (i, _) in zip(names, released))
@@ -169,7 +173,8 @@ def selection_card(config, summary: dict) -> dict:
                          guide=config.sample.guide, ema_std=config.sample.ema_std),
           "select": dict(n_candidates=s.n_candidates, guidance_step=s.guidance_step,
                          guidance_floor=s.guidance_floor, max_rounds=s.max_rounds,
-                         second=bool(s.second)),
+                         second=bool(s.second), per_real=int(s.per_real),
+                         cond_k=int(s.cond_k)),
       },
       "selection": dict(real_training_images=summary["train_images"],
                         candidates=summary["candidates"], tau=summary["tau"],

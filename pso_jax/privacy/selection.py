@@ -5,7 +5,8 @@ Flag first, then score: a candidate that the re-id model links to ANY training p
 pairwise kernel, per-patient threshold tau) is out; among the survivors the lowest consistency score
 wins. The two are never added together (the reference's `score + flag` breaks when BCE > 1). When
 no candidate survives, the image gets new seeds and lower guidance, down to a floor, then it is
-skipped. Everything here is plain numpy over the callables in `SelectionInputs`, so the rule is
+skipped. With `per_real` = k > 1 an image stays in the rounds until k of its candidates survived,
+and all k are released (best score first within a round): more synthetic images per real one. Everything here is plain numpy over the callables in `SelectionInputs`, so the rule is
 testable apart from the networks; `selection_workdir.build_inputs` builds them from a workdir.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from pso_jax import io_utils
 from pso_jax.data.release import KEPT, SECOND
+from pso_jax.diffusion import regulariser
 from pso_jax.errors import require
 
 SURVIVOR, REJECTED = "survivor", "rejected"
@@ -55,12 +57,13 @@ class SelectionRule:
   guidance_floor: float
   max_rounds: int
   second: bool
+  per_real: int = 1   # survivors released per real image (kept until this many survived)
 
   @classmethod
   def from_config(cls, config) -> "SelectionRule":
     s = config.select
     rule = cls(int(s.n_candidates), float(config.sample.guidance), float(s.guidance_step),
-               float(s.guidance_floor), int(s.max_rounds), bool(s.second))
+               float(s.guidance_floor), int(s.max_rounds), bool(s.second), int(s.per_real))
     rule.validate()
     return rule
 
@@ -68,6 +71,12 @@ class SelectionRule:
     require(self.n_candidates >= 1, f"config.select.n_candidates={self.n_candidates} must be >= 1 "
             "(candidates per real image; the reference uses 32)")
     require(self.max_rounds >= 1, f"config.select.max_rounds={self.max_rounds} must be >= 1")
+    require(self.per_real >= 1, f"config.select.per_real={self.per_real} must be >= 1 (synthetic "
+            "images released per real image)")
+    require(not (self.second and self.per_real > 1),
+            f"config.select.second=True and config.select.per_real={self.per_real} both ask for "
+            "more than one image per real one; use --config.select.per_real alone (second=True is "
+            "the runner-up of the same round only)")
     require(self.guidance_step >= 0, f"config.select.guidance_step={self.guidance_step} must be "
             ">= 0 (guidance is lowered by this much per failed round)")
     require(self.guidance_floor <= self.guidance,
@@ -84,6 +93,33 @@ class SelectionRule:
         break
       out.append(g)
     return out
+
+
+def anonymous_conditions(conditions, labels, patients, k: int) -> np.ndarray:
+  """k-anonymous conditions for sampling (config.select.cond_k = k > 0): per real image, the
+  normalised mean of the conditions of its nearest images from k distinct patients other than its
+  own with the same findings (any findings when fewer than k + 1 patients share them). A candidate
+  is then conditioned on no single person's image, and on nothing of its own patient's; its labels
+  stay those of the real image it stands for. [N, d] from [N, d] conditions, [N, 8] labels, [N]
+  patients."""
+  conditions = np.asarray(conditions, np.float32)
+  patients = np.asarray(patients)
+  require(conditions.ndim == 2 and conditions.shape[1] > 0,
+          "config.select.cond_k > 0 needs feature conditions (config.model.cond='pseudo'); set "
+          "--config.select.cond_k=0 for class-conditional or unconditional models")
+  _, group = np.unique(np.asarray(labels) > 0.5, axis=0, return_inverse=True)
+  group = group.reshape(-1)
+  neighbours = np.empty((len(conditions), k), np.int64)
+  anyone = None
+  for g in np.unique(group):
+    rows = np.flatnonzero(group == g)
+    if len(np.unique(patients[rows])) > k:
+      neighbours[rows] = rows[regulariser.kanon_neighbours(conditions[rows], patients[rows], k)]
+    else:
+      if anyone is None:
+        anyone = regulariser.kanon_neighbours(conditions, patients, k)
+      neighbours[rows] = anyone[rows]
+  return regulariser.kanon_conditions(conditions, neighbours)
 
 
 def candidate_seeds(index: int, round_: int, n: int, n_images: int) -> np.ndarray:
@@ -117,8 +153,9 @@ def choose(flagged: np.ndarray, scores: np.ndarray, second: bool):
 def select_images(inputs: SelectionInputs, rule: SelectionRule, indices):
   """Runs every round for the real images `indices` (candidates of all images batched together).
 
-  Returns (records: one dict per candidate in (round, image, candidate) order,
-           chosen: {index: (primary uint8 image, second uint8 image or None)}).
+  Returns (records: one dict per candidate in (round, image, candidate) order; `rank` is the
+           released image's place among its real image's, -1 when not released,
+           chosen: {index: [released uint8 images, rank 0 (the primary) first]}).
   """
   n, n_images = rule.n_candidates, len(inputs.paths)
   pending = [int(i) for i in indices]
@@ -138,14 +175,22 @@ def select_images(inputs: SelectionInputs, rule: SelectionRule, indices):
     for k, i in enumerate(pending):
       rows = slice(k * n, (k + 1) * n)
       flagged = n_matched[rows] > 0
-      first, runner_up = choose(flagged, scores[rows], rule.second)
-      if first is None:
-        still_pending.append(i)
+      taken = chosen.setdefault(i, [])
+      rank = {}  # candidate position -> its rank among the image's released images
+      if rule.per_real > 1:
+        survivors = np.flatnonzero(~flagged)
+        best = survivors[np.argsort(scores[rows][survivors], kind="stable")]
+        for j in best[:rule.per_real - len(taken)]:
+          rank[int(j)] = len(taken) + len(rank)
       else:
-        chosen[i] = (images[rows][first], images[rows][runner_up] if runner_up is not None else None)
+        first, runner_up = choose(flagged, scores[rows], rule.second)
+        rank = {j: r for r, j in enumerate((first, runner_up)) if j is not None}
+      taken += [images[rows][j] for j in sorted(rank, key=rank.get)]
+      if len(taken) < rule.per_real and (rule.per_real > 1 or not taken):
+        still_pending.append(i)
       for j in range(n):
         m = k * n + j
-        outcome = (KEPT if j == first else SECOND if j == runner_up else
+        outcome = (KEPT if rank.get(j) == 0 else SECOND if j in rank else
                    REJECTED if flagged[j] else SURVIVOR)
         records.append(dict(
             index=i, path=inputs.paths[i], patient=str(inputs.patient_names[inputs.patients[i]]),
@@ -154,8 +199,9 @@ def select_images(inputs: SelectionInputs, rule: SelectionRule, indices):
             nearest_patient=str(inputs.patient_names[best_patient[m]]),
             nearest_sim=round(float(best_sim[m]), 6), self_sim=round(float(self_sim[m]), 6),
             self_match=bool(self_sim[m] >= inputs.tau),
-            consistency=round(float(scores[m]), 6), outcome=outcome))
+            consistency=round(float(scores[m]), 6), outcome=outcome, rank=rank.get(j, -1)))
     pending = still_pending
+  chosen = {i: taken for i, taken in chosen.items() if taken}
   return records, chosen
 
 
@@ -193,7 +239,7 @@ def run_chunks(inputs: SelectionInputs, rule: SelectionRule, out_dir: str, chunk
                progress=None) -> list:
   """Selects chunk by chunk; a chunk with its marker is done and skipped on a rerun.
 
-  `save(index, second, image)` stores a released image (`data.release.ReleaseWriter.save`: under
+  `save(index, rank, image)` stores a released image (`data.release.ReleaseWriter.save`: under
   an opaque name, never one derived from the source path); without it (processes other than 0)
   nothing is written. Each chunk saves its images, then writes its records, then its marker (all
   atomic), so a kill leaves either a finished chunk or one that is redone from scratch with the
@@ -217,10 +263,9 @@ def run_chunks(inputs: SelectionInputs, rule: SelectionRule, out_dir: str, chunk
     indices = range(k * chunk_images, min((k + 1) * chunk_images, n_images))
     records, chosen = select_images(inputs, rule, indices)
     if save is not None:
-      for i, (primary, second) in sorted(chosen.items()):
-        save(i, False, primary)
-        if second is not None:
-          save(i, True, second)
+      for i, taken in sorted(chosen.items()):
+        for rank, image in enumerate(taken):
+          save(i, rank, image)
       io_utils.write_text(chunk_records(out_dir, k), "".join(_json_line(r) for r in records))
     s = chunk_stats(records, len(indices), time.perf_counter() - start)
     if save is not None:
@@ -237,9 +282,9 @@ def _json_line(record: dict) -> str:
 
 
 def released_images(records: list) -> list:
-  """(index, second) of every released image in source order, a primary before its second."""
-  return sorted((r["index"], r["outcome"] == SECOND) for r in records
-                if r["outcome"] in (KEPT, SECOND))
+  """(index, rank) of every released image in source order, a primary (rank 0) first."""
+  return sorted((r["index"], r.get("rank", int(r["outcome"] == SECOND))) for r in records
+                if r["outcome"] in (KEPT, SECOND))  # records without a rank: before per_real
 
 
 def summarise(stats: list, rule: SelectionRule, inputs: SelectionInputs) -> dict:

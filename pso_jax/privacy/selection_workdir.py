@@ -38,7 +38,7 @@ def build_inputs(config, workdir: str, train: dict, generate) -> selection.Selec
   from pso_jax.evaluate.classifier import load_classifier
   reid, classifier = load_reid(workdir), load_classifier(workdir)
   tau = float(config.audit.tau) if config.audit.tau >= 0 else float(reid.tau)
-  images = np.asarray(train["image"])
+  images = train["image"]  # an array or a lazy column: the networks read it batch by batch
   real_embeddings = np.asarray(reid.embed(images), np.float32)
   names, patients = np.unique(np.asarray(train["patient_id"]).astype(str), return_inverse=True)
   patients = patients.astype(np.int32)
@@ -52,10 +52,20 @@ def build_inputs(config, workdir: str, train: dict, generate) -> selection.Selec
 
   return selection.SelectionInputs(
       paths=[str(p) for p in train["path"]], labels=np.asarray(train["labels"], np.float32),
-      conditions=sampling.conditions_for(config, train), real_embeddings=real_embeddings,
+      conditions=release_conditions(config, train, patients), real_embeddings=real_embeddings,
       real_probs=np.asarray(classifier.predict(images), np.float64), patients=patients,
       patient_names=names, tau=tau, generate=generate, embed=reid.embed,
       predict=classifier.predict, search=search)
+
+
+def release_conditions(config, train: dict, patients) -> np.ndarray:
+  """What the candidates are conditioned on: each real image's own features, or with
+  config.select.cond_k = k > 0 the k-anonymous mean of k other patients' (selection.py)."""
+  conditions = sampling.conditions_for(config, train)
+  k = int(config.select.cond_k)
+  if k <= 0:
+    return conditions
+  return selection.anonymous_conditions(conditions, np.asarray(train["labels"]), patients, k)
 
 
 def write_lists(out_dir: str, inputs: selection.SelectionInputs, n_chunks: int,
