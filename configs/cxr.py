@@ -53,6 +53,8 @@ def _recipe():
   # per-finding prevalence (No Finding is implied by none of the 7 others)
   p.prevalence = (0.0, 0.12, 0.10, 0.08, 0.08, 0.12, 0.06, 0.06)
   p.multi_label_rate = 0.15        # share of scans that may carry a second finding
+  p.render_size = 0                # draw the anatomy at this size and interpolate up to
+                                   # data.image_size (0: draw at image_size; the scale variant)
   # latent space the diffusion model works in
   d.latent = l = ml_collections.ConfigDict()
   l.kind = "sd_vae"                # identity | sd_vae
@@ -368,6 +370,26 @@ def _tiny(c):
   return c
 
 
+def _scale(c):
+  """The demo at hospital-archive scale for memory and throughput benches (python -m pso_jax.bench
+  memory) and pod runs: 40,400 phantom scans of 256 px (10,100 patients, the last 100 the attacker
+  split), drawn at 64 px and interpolated (about 100 images/s on one CPU core), so prepare writes
+  tens of thousands of records without the images ever being held together. Its data are 64x the
+  demo's pixels per image: the stages stream them (docs/streaming.md). Override
+  data.phantom.num_patients for other sizes, data.image_size up to 512."""
+  c = _demo(c)
+  c.variant = "scale"
+  d = c.data
+  d.image_size = 256
+  d.phantom.num_patients = 10_100
+  d.phantom.render_size = 64
+  d.prepare_chunk = 1024
+  c.select.chunk_images = 1024
+  c.audit.query_block = 1024
+  c.audit.ref_block = 8192
+  return c
+
+
 def _reference(c):
   """The reference's DiADM + DSE recipe as it ran (docs/method.md; trichotomy.md §3-5): the
   pseudo-conditioned EDM2-xs on SwAV features (a features file), no condition dropout or other
@@ -398,7 +420,8 @@ def _reference(c):
 
 
 def get_config(arg: str = ""):
-  variants = {"": lambda c: c, "demo": _demo, "tiny": _tiny, "reference": _reference}
+  variants = {"": lambda c: c, "demo": _demo, "tiny": _tiny, "reference": _reference,
+              "scale": _scale}
   if arg not in variants:
     raise ValueError(
         f"configs/cxr.py has no variant {arg!r}; use one of "

@@ -109,3 +109,33 @@ def test_deterministic_and_chunkable():
   c.data.channels = 3
   _, rgb = phantom.generate(c)
   assert rgb.shape[-1] == 3 and np.array_equal(rgb[..., 0], rgb[..., 2])
+
+
+def test_render_size_draws_small_and_interpolates():
+  """data.phantom.render_size (the scale variant): bilinear weights as jax.image.resize's, the
+  default and sizes >= image_size leave the drawing bit-identical, and a 64-px image drawn at 16
+  averages back to the 16-px drawing (same anatomy; only the detector noise is drawn anew)."""
+  import jax
+  import tolerances as T
+  from pso_jax.errors import UserError
+  for out, size in ((8, 4), (256, 64), (10, 3)):
+    want = np.asarray(jax.image.resize(np.eye(size, dtype=np.float32), (size, out), "linear",
+                                       antialias=False)).T
+    T.assert_close(phantom.interpolation_matrix(out, size), want, 4 * T.EPS32)
+  c = load_config("tiny")
+  idx = phantom.index(c.data.phantom)
+  rows = np.arange(24)
+  base = phantom.render(c.data.phantom, idx, 32, 1, rows)
+  for same in (0, 32, 64):
+    c.data.phantom.render_size = same
+    T.assert_identical(phantom.render(c.data.phantom, idx, 32, 1, rows), base)
+  c.data.phantom.render_size = 16
+  big = phantom.render(c.data.phantom, idx, 64, 1, rows).astype(np.float32)
+  c.data.phantom.render_size = 0
+  small = phantom.render(c.data.phantom, idx, 16, 1, rows).astype(np.float32)
+  pooled = big[..., 0].reshape(len(rows), 16, 4, 16, 4).mean((2, 4))
+  for p, s in zip(pooled, small[..., 0]):
+    assert np.corrcoef(p.ravel(), s.ravel())[0, 1] > 0.9
+  c.data.phantom.render_size = -1
+  with pytest.raises(UserError, match="render_size"):
+    phantom.render(c.data.phantom, idx, 32, 1, rows)
