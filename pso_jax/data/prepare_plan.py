@@ -63,6 +63,7 @@ def check_config(config) -> None:
   filelists.check_split_config(d)
   features.check_kind(config)
   latents.check_kind(config)
+  latents.check_stats(config)
 
 
 def make_plan(config) -> Plan:
@@ -114,6 +115,12 @@ _NOT_IN_RECORDS = ("worker_count", "batch_size", "filelist", "csv", "path_style"
                    "split_files", "filter_order")
 
 
+# what a cached chunk holds, in its key: "raw latents" since the per-channel statistics may come
+# from the dataset (chunks held normalised latents before)
+_CHUNK_FORMAT = "raw latents"
+RAW_LATENT = "raw_latent"  # chunk key: VAE posterior samples before the per-channel normalisation
+
+
 @dataclasses.dataclass(frozen=True)
 class Chunk:
   """Records cached in one file: table rows (ascending), the ALL_SPLITS number of each, each one's
@@ -146,7 +153,7 @@ def plan_chunks(config, plan: Plan) -> list[Chunk]:
   order = np.argsort(rows, kind="stable")
   rows, split, index = rows[order], split[order], order  # order[i]: position of row i's record
   what = {k: v for k, v in config.data.to_dict().items() if k not in _NOT_IN_RECORDS}
-  shape = json.dumps([what, config.seed], sort_keys=True, default=list)
+  shape = json.dumps([what, config.seed, _CHUNK_FORMAT], sort_keys=True, default=list)
   keys = plan.record_keys[rows]
   with_index = config.data.latent.kind != "identity"  # the VAE's noise is drawn per position
   chunks, start = [], 0
@@ -171,7 +178,7 @@ def _compute_chunks(config, plan: Plan, chunks: list[Chunk], partial: str) -> No
         imgs, scaling = plan.load_images(chunk.rows)
         arrays = {"image": imgs, "scaling": scaling}
         if config.data.latent.kind != "identity":
-          arrays["latent"] = _latents(config, imgs, chunk)
+          arrays[RAW_LATENT] = _latents(config, imgs, chunk)
         with io_utils.atomic_path(path) as tmp:
           with open(tmp, "wb") as f:
             np.savez(f, **arrays)
@@ -184,7 +191,7 @@ def _latents(config, imgs: np.ndarray, chunk: Chunk) -> np.ndarray:
   out = None
   for k in np.unique(chunk.split):
     mine = chunk.split == k
-    z = latents.to_model_space(imgs[mine], config, start_index=int(chunk.index[mine][0]))
+    z = latents.to_raw_space(imgs[mine], config, start_index=int(chunk.index[mine][0]))
     out = np.empty((len(imgs), *z.shape[1:]), z.dtype) if out is None else out
     out[mine] = z
   return out
@@ -225,6 +232,39 @@ def _features(config, plan: Plan, chunks: list[Chunk], partial: str) -> dict[str
   return features.finalise(config, raw)
 
 
+def _latent_stats(config, chunks: list[Chunk], partial: str) -> dict:
+  """Per-channel mean and std of the train split's raw values (unit pixels for identity, VAE
+  posterior samples for sd_vae), streamed over the cached chunks; and the ones in force."""
+  l = config.data.latent
+  identity = l.kind == "identity"
+  running = latents.RunningStats()
+  for c in _split_chunks(chunks, partial, "train", ["image" if identity else RAW_LATENT]):
+    running.update(latents.pixels_to_unit(c["image"]) if identity else c[RAW_LATENT])
+  mean, std = running.result()
+  used = latents.check_stats(config)
+  if used == "dataset" and np.any(std <= 0):
+    raise UserError(f"config.data.latent.stats='dataset': channel(s) {np.flatnonzero(std <= 0).tolist()} "
+                    "of the train split are constant (std 0), which cannot be normalised; use "
+                    "--config.data.latent.stats=config")
+  out = {"used": used, "space": "unit pixels [-1, 1]" if identity else "VAE posterior samples",
+         "train_mean": [float(x) for x in mean], "train_std": [float(x) for x in std],
+         "train_values": int(running.n), "final_std": float(l.final_std)}
+  if used == "dataset":
+    out["mean"], out["std"] = out["train_mean"], out["train_std"]
+  elif not identity:
+    out["mean"], out["std"] = [float(x) for x in l.mean], [float(x) for x in l.std]
+  else:  # identity with config statistics: pixels stay in [-1, 1]
+    out["mean"] = out["std"] = None
+  return out
+
+
+def _model_config(config, stats: dict):
+  """The config that maps raw values to the records' model space (the dataset's statistics in
+  force when they are used)."""
+  return latents.with_stats(config, stats["mean"], stats["std"]) if stats["used"] == "dataset" \
+      else config
+
+
 def _record_spec(config, feats: dict[str, np.ndarray]) -> builder.RecordSpec:
   d = config.data
   latent = None if d.latent.kind == "identity" else tuple(latents.model_shape(config))
@@ -232,11 +272,15 @@ def _record_spec(config, feats: dict[str, np.ndarray]) -> builder.RecordSpec:
                             feats["train"].shape[1], latent)
 
 
-def _examples(plan: Plan, chunks: list[Chunk], partial: str, split: str, feats: np.ndarray):
-  """Record dicts of one split, in filelist order, streamed chunk by chunk."""
+def _examples(plan: Plan, chunks: list[Chunk], partial: str, split: str, feats: np.ndarray,
+              model_config):
+  """Record dicts of one split, in filelist order, streamed chunk by chunk; latents normalised
+  with the statistics in force (`model_config`: latents.with_stats when they are the dataset's)."""
   table = plan.table.take(plan.rows[split])
   i = 0
   for chunk in _split_chunks(chunks, partial, split):
+    if RAW_LATENT in chunk:
+      chunk["latent"] = latents.normalise(chunk.pop(RAW_LATENT), model_config)
     for j in range(len(chunk["image"])):
       record = {"image": chunk["image"][j], "labels": table.labels[i], "feature": feats[i],
                 "index": i, "patient_id": str(table.patient_ids[i]), "path": str(table.paths[i]),
@@ -293,7 +337,7 @@ def card_markdown(card: dict) -> str:
            f"{'x'.join(map(str, card['image_shape']))}; latent {card['latent']}; features "
            f"{card['features']['kind']} ({card['features']['dim']}-d).",
            _split_line(card),
-           _scaling_line(card["pixel_scaling"]), "",
+           _scaling_line(card["pixel_scaling"]), *_stats_line(card.get(latents.CARD_KEY)), "",
            "| split | records | patients | multi-label | dropped | " + " | ".join(findings) + " |",
            "|---" * (5 + len(findings)) + "|"]
   for split, s in card["splits"].items():
@@ -320,6 +364,20 @@ def _split_line(card: dict) -> str:
   return (f"Patient-disjoint split {card['split_fractions']} (seed {card['split_seed']}), {order}; "
           f"{rules} (the attacker split: the last patients of the input, set aside for the "
           "audit's independent attacker).")
+
+
+def _stats_line(stats: dict | None) -> list[str]:
+  if not stats:
+    return []
+  fmt = lambda v: "[" + ", ".join(f"{x:.4g}" for x in v) + "]"
+  train = (f"Train split per channel ({stats['space']}, {stats['train_values']} values): mean "
+           f"{fmt(stats['train_mean'])}, std {fmt(stats['train_std'])}")
+  if stats["mean"] is None:
+    return [f"{train}; model space: the pixels in [-1, 1] (latent.stats=config)."]
+  which = "these, the dataset's" if stats["used"] == "dataset" else \
+      f"the config's mean {fmt(stats['mean'])}, std {fmt(stats['std'])}"
+  return [f"{train}; model space: z = (x - mean) * {stats['final_std']:g} / std with {which} "
+          f"(latent.stats={stats['used']})."]
 
 
 def _scaling_line(pixel_scaling: dict[str, int]) -> str:
@@ -350,12 +408,14 @@ def build(config, plan: Plan, workdir: str) -> dict:
   _drop_stale_chunks(partial, chunks)
   _compute_chunks(config, plan, chunks, partial)
   feats = _features(config, plan, chunks, partial)
+  stats = _latent_stats(config, chunks, partial)
+  model_config = _model_config(config, stats)
   stage = os.path.join(partial, "stage")
   if os.path.exists(stage):
     shutil.rmtree(stage)  # an interrupted assembly: rebuilt from the cached chunks (fast)
   # tfds refuses an empty split: no attacker split is written when none was asked for
   builder.write(stage, _record_spec(config, feats),
-                {s: (lambda s=s: _examples(plan, chunks, partial, s, feats[s]))
+                {s: (lambda s=s: _examples(plan, chunks, partial, s, feats[s], model_config))
                  for s in filelists.ALL_SPLITS if s != filelists.ATTACKER or len(plan.rows[s])},
                 scratch_dir=os.path.join(partial, "tfds_scratch"))
   for split in filelists.ALL_SPLITS:
@@ -366,6 +426,7 @@ def build(config, plan: Plan, workdir: str) -> dict:
     logging.warning("%s: images scaled by different rules: %s (see data/card.md)",
                     plan.table.source, pixel_scaling)
   card = make_card(config, plan, feats, pixel_scaling, time.time() - start)
+  card[latents.CARD_KEY] = stats
   io_utils.write_json(os.path.join(stage, CARD_FILE), card)
   io_utils.write_text(os.path.join(stage, "card.md"), card_markdown(card))
   io_utils.write_text(os.path.join(stage, COMPLETE), "ok\n")  # last, as every stage's marker

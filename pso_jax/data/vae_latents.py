@@ -24,8 +24,13 @@ def _load(vae_dir: str):
   return sd_vae.load_vae(vae_dir)
 
 
-def _stats(config, vae_config: sd_vae.VAEConfig):
+def _stats(config, vae_config: sd_vae.VAEConfig, need_values: bool = True):
   l = config.data.latent
+  if l.get("stats") == "dataset" and "recorded_in" not in l:  # see latents.resolve_stats
+    if not need_values:
+      return None  # prepare computes them (only raw latents are encoded before)
+    raise RuntimeError("config.data.latent.stats='dataset' but the dataset's statistics were not "
+                       "read: call latents.resolve_stats(config, workdir) first")
   mean, std = np.asarray(l.mean, np.float32), np.asarray(l.std, np.float32)
   if vae_config.latent_channels != len(mean) or len(std) != len(mean):
     raise UserError(
@@ -41,7 +46,7 @@ def vae_for(config) -> tuple[sd_vae.AutoencoderKL, dict]:
   if config.data.latent.kind != "sd_vae":
     raise UserError(f"config.data.latent.kind is {config.data.latent.kind!r}, not 'sd_vae'")
   model, variables = _load(config.data.latent.vae_dir)
-  _stats(config, model.config)
+  _stats(config, model.config, need_values=False)
   return model, variables
 
 
@@ -49,7 +54,7 @@ def latent_shape(config) -> tuple[int, int, int]:
   """(h, w, c) of the latents of config.data.image_size images; reads only config.json, so a
   wrong folder, channel count or image size stops `prepare` before any work."""
   vc = sd_vae.read_config(config.data.latent.vae_dir)
-  _stats(config, vc)
+  _stats(config, vc, need_values=False)
   _check_size(config.data.image_size, vc)
   f = vc.downsample_factor
   return config.data.image_size // f, config.data.image_size // f, vc.latent_channels
@@ -98,8 +103,10 @@ def _decoder(vae_dir: str, mean: tuple, std: tuple, final_std: float, out_channe
   return FrozenNetwork(decode, variables, batch_size=batch_size, desc="VAE decode")
 
 
-def encode_images(config, images_uint8: np.ndarray, *, start_index: int = 0) -> np.ndarray:
-  """uint8 [N,H,W,C] -> normalised latents float32 [N,H/8,W/8,4] (NHWC).
+def encode_images(config, images_uint8: np.ndarray, *, start_index: int = 0,
+                  normalised: bool = True) -> np.ndarray:
+  """uint8 [N,H,W,C] -> normalised latents float32 [N,H/8,W/8,4] (NHWC); normalised=False: the
+  raw posterior samples (the input of the per-channel statistics).
 
   The posterior noise of image i comes from fold_in(seed key, start_index + i), so a dataset
   encoded in chunks (pass each chunk's first record index) gets the same latents as in one call.
@@ -112,7 +119,11 @@ def encode_images(config, images_uint8: np.ndarray, *, start_index: int = 0) -> 
   for size in images_uint8.shape[1:3]:
     _check_size(size, model.config)
   l = config.data.latent
-  mean, std, final_std = _stats(config, model.config)
+  if normalised:
+    mean, std, final_std = _stats(config, model.config)
+  else:  # mean 0, std 1, final_std 1: the affine map is the identity
+    channels = model.config.latent_channels
+    mean, std, final_std = np.zeros(channels, np.float32), np.ones(channels, np.float32), np.float32(1)
   enc = _encoder(l.vae_dir, tuple(mean.tolist()), tuple(std.tolist()), float(final_std),
                  bool(l.sample_posterior), int(config.seed), int(l.batch_size))
   index = np.arange(start_index, start_index + len(images_uint8), dtype=np.int32)

@@ -197,8 +197,10 @@ def load_sampler(config, workdir: str, *, stream: int, guided: bool, mesh=None,
 
   guided: whether any guidance != 1 will be asked for (else no guide is loaded).
   """
+  from pso_jax.data.latents import resolve_stats
   from pso_jax.models.presets import model_input_shape
   check_sample_config(config)
+  config = resolve_stats(config, workdir)  # latent.stats=dataset: decode with the card's mean/std
   s = config.sample
   trained = denoiser.load(config, workdir, ema_std=s.ema_std)
   variables = trained.variables

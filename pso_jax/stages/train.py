@@ -124,6 +124,8 @@ def run(config, workdir: str, *, stop_after_steps: int | None = None, **options)
   out_dir = stages.output_dir(workdir, "train")
   train_setup.check_config(config)
   from pso_jax.data.dataset import load_split
+  from pso_jax.data.latents import resolve_stats
+  config = resolve_stats(config, workdir)  # latent.stats=dataset: the card's mean/std
 
   batch_size = int(config.train.batch_size)
   mesh = parallel.make_mesh(config.mesh)
