@@ -190,3 +190,27 @@ def test_prepare_with_split_files_keeps_the_given_splits(tmp_path):
     assert card["splits"][split]["records"] == 2 * len(parts[split])
   assert card["split_files"] == files
   assert "Fixed splits from" in open(os.path.join(workdir, "data", "card.md")).read()
+
+
+def test_missing_images_of_split_files_are_listed_with_their_file_and_line(tmp_path):
+  """An image root missing some files: the first five named with their split file and line, the
+  rest counted, before any image is decoded (images.check_images, for fixed splits too)."""
+  root = tmp_path / "images"
+  os.makedirs(root / "images")
+  files = []
+  for k, split in enumerate(filelists.SPLITS):
+    lines = [f"images/{10 * k + p + 1:08d}_000.png 1 0 0 0 0 0 0 0" for p in range(4)]
+    files.append(_write(tmp_path / f"{split}.txt", lines))
+  for f in files:
+    for line in open(f).read().splitlines()[:2]:  # two of each file's four images exist
+      Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / line.split()[0])
+  config = load_config("tiny")
+  d = config.data
+  d.source, d.image_root, d.split_files = "filelist", str(root), tuple(files)
+  d.latent.kind, d.features.kind = "identity", "random_projection"
+  with pytest.raises(UserError) as e:
+    prepare.run(config, str(tmp_path / "run"))
+  msg = str(e.value)
+  assert msg.startswith("6 images listed in ") and "and 1 more" in msg
+  assert f"{files[0]}:3 images/00000003_000.png" in msg and f"{files[2]}:3" in msg
+  assert not (tmp_path / "run" / "data").exists()

@@ -331,7 +331,7 @@ def split_files_of(value) -> tuple[str, ...]:
   if len(files) not in (3, 4):
     raise UserError(f"config.data.split_files has {len(files)} file(s) {files}; give the train, "
                     "val and test filelists (and optionally a fourth for the attacker split), "
-                    "e.g. --config.data.split_files=train.txt,val.txt,test.txt")
+                    "e.g. --config.data.split_files=\"('train.txt','val.txt','test.txt')\"")
   return files
 
 
