@@ -1,4 +1,5 @@
-"""Benchmarks: `python -m pso_jax.bench NAME [flags]`, NAME in data | train | audit | sample | vae | cnn | pod.
+"""Benchmarks: `python -m pso_jax.bench NAME [flags]`, NAME in data | train | audit | sample | vae | cnn | pod |
+memory.
 
 Each prints its figures as ratios against a reference measured in the same run (the machine's
 matmul rate, faiss, ...), never as absolute targets.
@@ -15,6 +16,7 @@ BENCHES = {
     "vae": "pso_jax.bench.vae",
     "cnn": "pso_jax.bench.cnn",
     "pod": "pso_jax.bench.pod",  # compiled for a TPU slice on this host (needs libtpu)
+    "memory": "pso_jax.bench.memory",  # peak RSS per stage at N and 4N, loader vs train step
 }
 
 
