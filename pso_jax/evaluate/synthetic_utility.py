@@ -6,19 +6,26 @@ synthetic images with the labels of their source images, for the same number of 
 validated on real val and tested on the real multi-label test split. Reported: mean and per-finding
 AUROC with bootstrap 95% CIs and the paired difference synthetic - real (the paper's claim: within
 one AUROC point).
-Diversity: image retrieval score and Fréchet distance in the pseudo-conditioning feature space
-(synthetic features computed with the extractor `prepare` used).
+Diversity: image retrieval score and Fréchet distance in a feature space that exists for synthetic
+images too: the pseudo-conditioning features (computed with the extractor `prepare` used), or, when
+those come from an external extractor (`config.data.features.kind=file`, which pso_jax cannot run
+on synthetic images), the real-data classifier's penultimate embedding (its pooled features, what
+its logits head reads), centred on the training images. The result names the space it used.
 """
 
 import os
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pso_jax import io_utils
 from pso_jax.errors import UserError
 from pso_jax.evaluate import classifier as classifier_lib
 from pso_jax.evaluate import classifier_training, utility
+from pso_jax.models import cnn
+from pso_jax.models.batched_apply import FrozenNetwork, check_images
 
 SUBDIR = "evaluate"
 RESULT_FILE = "evaluate.json"
@@ -72,6 +79,51 @@ def synthetic_features(config, workdir: str, synthetic_images, train_images):
   return (syn, train_feats, test_feats), None
 
 
+# the diversity metrics' feature spaces: evaluate.json's feature_space is features:<kind> or
+# classifier_penultimate, and feature_space_description says it in words
+SPACES = {
+    "features": "pseudo-conditioning features (config.data.features.kind={kind})",
+    "classifier": "the real-data classifier's penultimate embedding ({arch}, {dim}-d), centred "
+                  "on the training images",
+}
+
+
+def classifier_embedding(classifier: classifier_lib.Classifier, images) -> np.ndarray:
+  """[N, d] penultimate features of a trained classifier: the pooled features its logits head
+  reads, at its plain eval-time input (resize, no crops)."""
+  spec = classifier.spec
+  model = cnn.build_cnn(spec)
+
+  def head_input(next_fun, args, kwargs, context):  # the head's input is the model's output
+    if isinstance(context.module, cnn.Head) and context.method_name == "__call__":
+      return args[0].astype(jnp.float32)
+    return next_fun(*args, **kwargs)
+
+  def embed(variables, x):
+    with nn.intercept_methods(head_input):
+      return model.apply(variables, cnn.preprocess(x, spec), train=False)
+
+  net = FrozenNetwork(embed, classifier.variables, batch_size=classifier.batch_size)
+  return net(check_images(images, spec.channels, "classifier")).astype(np.float32)
+
+
+def diversity_embeddings(config, workdir: str, synthetic_images, splits: dict, real_model):
+  """((synthetic, train, test) embeddings, space name, its description) for the diversity
+  metrics: the pseudo-conditioning features where pso_jax computes them, else the real-data
+  classifier's penultimate embedding (centred on train: retrieval is by cosine similarity, and
+  ReLU features all lie in one orthant; the Fréchet distance does not change under a shift)."""
+  spaces, _ = synthetic_features(config, workdir, synthetic_images, splits["train"]["image"])
+  if spaces is not None:
+    kind = config.data.features.kind
+    return spaces, f"features:{kind}", SPACES["features"].format(kind=kind)
+  embed = lambda images: classifier_embedding(real_model, images)
+  train = embed(splits["train"]["image"])
+  centre = train.mean(axis=0, keepdims=True)
+  spaces = tuple(x - centre for x in (embed(synthetic_images), train, embed(splits["test"]["image"])))
+  words = SPACES["classifier"].format(arch=real_model.spec.arch, dim=train.shape[1])
+  return spaces, "classifier_penultimate", words
+
+
 def real_classifier(config, workdir: str, splits: dict):
   """(model, stage result) of the real-data classifier, training it when missing."""
   if not os.path.exists(os.path.join(workdir, classifier_lib.SUBDIR, io_utils.COMPLETE)):
@@ -102,15 +154,13 @@ def evaluate(config, workdir: str, splits: dict, released: dict) -> dict:
   diff = report.get("difference", {}).get("value")
   report["within_one_point"] = None if diff is None else bool(diff >= -ONE_POINT)
 
-  spaces, note = synthetic_features(config, workdir, released["images"], splits["train"]["image"])
-  diversity = {"skipped": note}
-  if spaces is not None:
-    from pso_jax.evaluate import diversity as diversity_lib
-    syn, train, real_test = spaces
-    diversity = diversity_lib.diversity_report(
-        syn, train, real_test, seed=int(config.seed), query_block=int(config.audit.query_block),
-        ref_block=int(config.audit.ref_block))
-    diversity["feature_space"] = config.data.features.kind
+  from pso_jax.evaluate import diversity as diversity_lib
+  (syn, train, real_test), space, words = diversity_embeddings(
+      config, workdir, released["images"], splits, real_model)
+  diversity = diversity_lib.diversity_report(
+      syn, train, real_test, seed=int(config.seed), query_block=int(config.audit.query_block),
+      ref_block=int(config.audit.ref_block))
+  diversity.update(feature_space=space, feature_space_description=words)
   return {"utility": report, "diversity": diversity, "n_synthetic": int(len(released["images"])),
           "n_real_train": int(len(splits["train"]["image"])), "steps": steps,
           "real_classifier": real_result["training"], "synthetic_classifier": syn_info}

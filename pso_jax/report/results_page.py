@@ -71,6 +71,7 @@ def headline(r: dict) -> dict:
       "dcr_control_share": _dig(audit, "dcr", "control_share"),
       "irs_synthetic": _dig(irs, "synthetic", "share"), "irs_real": _dig(irs, "real", "share"),
       "irs_ratio": irs.get("ratio"),
+      "diversity_space": _dig(r, "evaluate", "diversity", "feature_space"),
       "frechet_synthetic_train": _dig(r, "evaluate", "diversity", "frechet_synthetic_train"),
       "frechet_real_train": _dig(r, "evaluate", "diversity", "frechet_real_train"),
       "memorisation_1to1_before_selection": sel.get("one_to_one_memorisation_rate"),
@@ -140,6 +141,12 @@ def _attacker(h: dict) -> str:
   return f" (attacker {html.esc(name)})" if name else ""
 
 
+def _space(h: dict) -> str:
+  """Which feature space the diversity numbers were computed in (evaluate's feature_space)."""
+  name = h.get("diversity_space")
+  return f" (in {html.esc(name)} space)" if name else ""
+
+
 def _decided_by(h: dict) -> str:
   d = h.get("audit_decided_by")
   return (f" decided by the {html.esc(d['attacker'])} attacker's {html.esc(d['test'])} test "
@@ -163,9 +170,9 @@ def _headline_rows(h: dict) -> list:
       ["PSO residual risk", _rate(h["pso_residual_risk"], h["pso_residual_risk_ci"])],
       [f"DCR: share nearer training than holdout, released / control{_attacker(h)}",
        f"{html.fmt(h.get('dcr_share'))} / {html.fmt(h.get('dcr_control_share'))}"],
-      ["image retrieval score: synthetic / real test / ratio",
+      [f"image retrieval score: synthetic / real test / ratio{_space(h)}",
        f"{html.fmt(h['irs_synthetic'])} / {html.fmt(h['irs_real'])} / {html.fmt(h['irs_ratio'])}"],
-      ["Fréchet distance to train: synthetic / real test",
+      [f"Fréchet distance to train: synthetic / real test{_space(h)}",
        f"{html.fmt(h['frechet_synthetic_train'], 4)} / {html.fmt(h['frechet_real_train'], 4)}"],
       ["1:1 memorisation rate of candidates (before selection)",
        html.fmt(h["memorisation_1to1_before_selection"])],
