@@ -46,6 +46,8 @@ def _recipe():
   d.batch_size = 32                # loader batch for prepare / feature extraction
   d.worker_count = 0               # grain workers (0 = in-process)
   d.prepare_chunk = 256            # records per resumable chunk (on average: cut by content, 4x at most)
+  d.image_codec = "raw"            # raw | png: images in the records as arrays or lossless PNG
+                                   # (decoded by the loader; the card gives bytes per record)
   d.phantom = p = ml_collections.ConfigDict()
   p.num_patients = 1000
   p.scans_per_patient = 4

@@ -1,6 +1,6 @@
 """The prepared dataset as a tensorflow_datasets builder writing ArrayRecord (no TensorFlow).
 
-Records: `image` uint8 [H, W, C], `labels` float32 [8], `patient_id`, `path`, `split` (text),
+Records: `image` uint8 [H, W, C] (stored raw or as PNG: config.data.image_codec), `labels` float32 [8], `patient_id`, `path`, `split` (text),
 `index` int64 (position in the split), `feature` float32 [dim] and, for latent kinds other than
 identity, `latent` float32 [h, w, c]. Shuffling is disabled so a record's position is its index
 and the order is the split filelist's. Readers open the folder with `tfds.builder_from_directory`
@@ -16,6 +16,8 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
+from pso_jax.data import record_codec
+
 NAME = "pso_cxr"
 VERSION = "1.0.0"
 TEXT_KEYS = ("patient_id", "path", "split")
@@ -26,10 +28,11 @@ class RecordSpec:
   image_shape: tuple[int, int, int]
   feature_dim: int
   latent_shape: tuple[int, int, int] | None = None
+  image_codec: str = "raw"  # raw | png (pso_jax.data.record_codec)
 
   def features(self) -> tfds.features.FeaturesDict:
     spec = {
-        "image": tfds.features.Tensor(shape=tuple(self.image_shape), dtype=np.uint8),
+        "image": record_codec.image_feature(self.image_shape, self.image_codec),
         "labels": tfds.features.Tensor(shape=(8,), dtype=np.float32),
         "feature": tfds.features.Tensor(shape=(self.feature_dim,), dtype=np.float32),
         "index": tfds.features.Scalar(dtype=np.int64),

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from pso_jax import io_utils, progress
-from pso_jax.data import builder, features, filelists, images, latents, phantom
+from pso_jax.data import builder, features, filelists, images, latents, phantom, record_codec
 from pso_jax.data.dataset import CARD_FILE, COMPLETE, data_dir
 from pso_jax.errors import UserError
 
@@ -64,6 +64,7 @@ def check_config(config) -> None:
   features.check_kind(config)
   latents.check_kind(config)
   latents.check_stats(config)
+  record_codec.check_codec(d.image_codec)
 
 
 def make_plan(config) -> Plan:
@@ -112,7 +113,7 @@ def make_plan(config) -> Plan:
 # choose, label or split rows, or shape the features (computed from the cached images)
 _NOT_IN_RECORDS = ("worker_count", "batch_size", "filelist", "csv", "path_style", "split_fractions",
                    "split_seed", "single_label_train_val", "prepare_chunk", "findings", "features",
-                   "split_files", "filter_order")
+                   "split_files", "filter_order", "image_codec")
 
 
 # what a cached chunk holds, in its key: "raw latents" since the per-channel statistics may come
@@ -269,7 +270,7 @@ def _record_spec(config, feats: dict[str, np.ndarray]) -> builder.RecordSpec:
   d = config.data
   latent = None if d.latent.kind == "identity" else tuple(latents.model_shape(config))
   return builder.RecordSpec((d.image_size, d.image_size, d.channels),
-                            feats["train"].shape[1], latent)
+                            feats["train"].shape[1], latent, d.image_codec)
 
 
 def _examples(plan: Plan, chunks: list[Chunk], partial: str, split: str, feats: np.ndarray,
@@ -337,7 +338,8 @@ def card_markdown(card: dict) -> str:
            f"{'x'.join(map(str, card['image_shape']))}; latent {card['latent']}; features "
            f"{card['features']['kind']} ({card['features']['dim']}-d).",
            _split_line(card),
-           _scaling_line(card["pixel_scaling"]), *_stats_line(card.get(latents.CARD_KEY)), "",
+           _scaling_line(card["pixel_scaling"]), *_stats_line(card.get(latents.CARD_KEY)),
+           *_records_line(card.get("records")), "",
            "| split | records | patients | multi-label | dropped | " + " | ".join(findings) + " |",
            "|---" * (5 + len(findings)) + "|"]
   for split, s in card["splits"].items():
@@ -364,6 +366,42 @@ def _split_line(card: dict) -> str:
   return (f"Patient-disjoint split {card['split_fractions']} (seed {card['split_seed']}), {order}; "
           f"{rules} (the attacker split: the last patients of the input, set aside for the "
           "audit's independent attacker).")
+
+
+def _record_bytes(config, stage: str, card: dict, sample: int = 512) -> dict:
+  """The image codec and, per written split, the mean serialized record (what a reader fetches
+  and decodes; measured on up to `sample` records per file, evenly spaced) and the record files'
+  bytes per record (ArrayRecord pads small files to its 128 KiB blocks)."""
+  from array_record.python import array_record_module
+  folder = builder.builder_dir(stage)
+  per_record, per_file = {}, {}
+  for split, s in card["splits"].items():
+    files = sorted(f for f in os.listdir(folder) if f.startswith(f"{builder.NAME}-{split}.array_record"))
+    if not s["records"] or not files:
+      continue
+    lengths = []
+    for name in files:
+      reader = array_record_module.ArrayRecordReader(os.path.join(folder, name))
+      try:
+        n = reader.num_records()
+        picks = np.unique(np.linspace(0, n - 1, min(n, sample)).astype(np.int64)).tolist() if n else []
+        lengths += [len(r) for r in reader.read(picks)] if picks else []
+      finally:
+        reader.close()
+    per_record[split] = round(float(np.mean(lengths)))
+    per_file[split] = round(sum(os.path.getsize(os.path.join(folder, f)) for f in files) / s["records"])
+  return {"image_codec": config.data.image_codec, "bytes_per_record": per_record,
+          "file_bytes_per_record": per_file}
+
+
+def _records_line(records: dict | None) -> list[str]:
+  if not records:
+    return []
+  sizes = ", ".join(f"{split} {n:,}" for split, n in records["bytes_per_record"].items())
+  how = "lossless PNG, decoded by the loader" if records["image_codec"] == "png" else "raw arrays"
+  files = ", ".join(f"{split} {n:,}" for split, n in records["file_bytes_per_record"].items())
+  return [f"Records: images stored as {how}; bytes per record (serialized): {sizes}; record files "
+          f"per record: {files}."]
 
 
 def _stats_line(stats: dict | None) -> list[str]:
@@ -427,6 +465,7 @@ def build(config, plan: Plan, workdir: str) -> dict:
                     plan.table.source, pixel_scaling)
   card = make_card(config, plan, feats, pixel_scaling, time.time() - start)
   card[latents.CARD_KEY] = stats
+  card["records"] = _record_bytes(config, stage, card)
   io_utils.write_json(os.path.join(stage, CARD_FILE), card)
   io_utils.write_text(os.path.join(stage, "card.md"), card_markdown(card))
   io_utils.write_text(os.path.join(stage, COMPLETE), "ok\n")  # last, as every stage's marker
