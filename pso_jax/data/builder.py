@@ -1,10 +1,10 @@
 """The prepared dataset as a tensorflow_datasets builder writing ArrayRecord (no TensorFlow).
 
-Records: `image` uint8 [H, W, C] (stored raw or as PNG: config.data.image_codec), `labels` float32 [8], `patient_id`, `path`, `split` (text),
-`index` int64 (position in the split), `feature` float32 [dim] and, for latent kinds other than
-identity, `latent` float32 [h, w, c]. Shuffling is disabled so a record's position is its index
-and the order is the split filelist's. Readers open the folder with `tfds.builder_from_directory`
-(`open_split`), so they need no builder class, only the files.
+Records: `image` uint8 [H, W, C] (stored raw or as PNG: config.data.image_codec), `labels` float32
+[8], `patient_id`, `path`, `split` (text), `index` int64 (position in the split), `feature` float32
+[dim] and, for latent kinds other than identity, `latent` float32 [h, w, c]. Shuffling is disabled
+so a record's position is its index and the order is the split filelist's. Readers open the folder
+with `tfds.builder_from_directory` (`open_split`), so they need no builder class, only the files.
 """
 
 import contextlib
