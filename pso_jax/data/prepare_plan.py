@@ -240,7 +240,10 @@ def _latent_stats(config, chunks: list[Chunk], partial: str) -> dict:
   identity = l.kind == "identity"
   running = latents.RunningStats()
   for c in _split_chunks(chunks, partial, "train", ["image" if identity else RAW_LATENT]):
-    running.update(latents.pixels_to_unit(c["image"]) if identity else c[RAW_LATENT])
+    values = c["image"] if identity else c[RAW_LATENT]
+    for i in range(0, len(values), 16):  # float64 copies of 16 records at a time, not a chunk's
+      part = values[i:i + 16]
+      running.update(latents.pixels_to_unit(part) if identity else part)
   mean, std = running.result()
   used = latents.check_stats(config)
   if used == "dataset" and np.any(std <= 0):
