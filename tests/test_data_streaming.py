@@ -62,13 +62,13 @@ def test_batched_passes_read_only_their_batch(workdir):
   want = dataset.load_arrays(workdir, "val", ("image",))["image"]
   net = FrozenNetwork(lambda v, x: x.reshape(x.shape[0], -1).astype(jax.numpy.float32).sum(1) * v,
                       np.float32(0.5), batch_size=8)
-  dataset.RecordColumn.largest_read = 0
+  dataset.LazyColumn.largest_read = 0
   got = net(image)
-  assert dataset.RecordColumn.largest_read == 8
+  assert dataset.LazyColumn.largest_read == 8
   T.assert_identical(got, want.reshape(len(want), -1).astype(np.float32).sum(1) * 0.5)
-  dataset.RecordColumn.largest_read = 0
+  dataset.LazyColumn.largest_read = 0
   rows = pipeline.in_batches(lambda x: x[:, 0, 0, 0].astype(np.int32), image, batch_size=5)
-  assert dataset.RecordColumn.largest_read == 5
+  assert dataset.LazyColumn.largest_read == 5
   T.assert_identical(rows, want[:, 0, 0, 0].astype(np.int32))
 
 
@@ -82,9 +82,9 @@ def test_trainer_decodes_only_each_process_rows(workdir):
   mesh = parallel.data_mesh()
   read = supervised.batch_reader(sampler, cols["image"], parallel.batch_sharding(mesh), 16)
   for step in range(3):
-    dataset.RecordColumn.largest_read = 0
+    dataset.LazyColumn.largest_read = 0
     batch, idx = read(step), sampler(step)["index"]
-    assert dataset.RecordColumn.largest_read == 16  # one batch, not the split
+    assert dataset.LazyColumn.largest_read == 16  # one batch, not the split
     T.assert_identical(batch["image"], arrays["image"][idx])
     # P x K: 4 patients, 4 scans each, labels naming the patient of each row
     pids = arrays["patient_id"][idx].reshape(4, 4)
@@ -154,9 +154,9 @@ def test_selection_inputs_equal_in_memory(tiny_trained_workdir):
   config, wd = tiny_trained_workdir
   keys = ("image", "labels", "patient_id", "path", "feature")
   cols, arrays = _columns_and_arrays(wd, "train", keys)
-  dataset.RecordColumn.largest_read = 0
+  dataset.LazyColumn.largest_read = 0
   stream = selection_workdir.build_inputs(config, wd, cols, generate=None)
-  assert 0 < dataset.RecordColumn.largest_read <= len(arrays["image"])
+  assert 0 < dataset.LazyColumn.largest_read <= len(arrays["image"])
   memory = selection_workdir.build_inputs(config, wd, arrays, generate=None)
   for k in ("real_embeddings", "real_probs", "conditions", "labels", "patients"):
     T.assert_identical(getattr(stream, k), getattr(memory, k), k)
@@ -183,3 +183,56 @@ def test_audit_spaces_equal_in_memory(tiny_trained_workdir):
     T.assert_identical(s.train_embeddings, m.train_embeddings, s.attacker.name)
     T.assert_identical(s.reference.holdout, m.reference.holdout, s.attacker.name)
     assert s.reference.tau == m.reference.tau
+  # a "release" of val images as PNG files, read lazily (as the audit stage reads release/), with
+  # canaries planted: the same audit as on the images in memory
+  from pso_jax.data import release
+  files, n = [], min(12, len(memory["val"]["image"]))
+  for i, image in enumerate(memory["val"]["image"][:n]):
+    files.append(os.path.join(wd, "unused", f"r{i}.png"))
+    release.write_png(files[-1], image)
+  lazy = dataset.FileColumn(files, lambda p: release.read_png(p, 1), memory["val"]["image"].shape[1:])
+  source = np.arange(n)
+  config.audit.canaries = 3
+  results = {}
+  for how, images in (("stream", lazy), ("memory", memory["val"]["image"][:n])):
+    planted_images, src, names, planted = audit.with_canaries(
+        config, dict(images=images, source_index=source, paths=[f"r{i}" for i in source]),
+        memory["train"] if how == "memory" else train)
+    assert dataset.is_lazy(planted_images) == (how == "stream") and len(planted.position) == 3
+    results[how] = release_audit.audit_release(config, out[how], planted_images, source_index=src,
+                                               names=names, canaries=planted)
+    results[how]["images"] = np.asarray(planted_images)
+  T.assert_identical(results["stream"]["images"], results["memory"]["images"])
+  assert results["stream"]["summary"] == results["memory"]["summary"]
+
+
+@pytest.mark.multiprocess
+def test_split_pass_over_two_processes_equals_one(workdir, tmp_path):
+  """pipeline.split_pass on 2 real JAX processes (127.0.0.1): each decodes only its half of the
+  split, and both return the one-process result of the whole split."""
+  import socket
+  import subprocess
+  import sys
+  from conftest import ROOT
+  from pso_jax.privacy import attackers
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  out = str(tmp_path / "res")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  worker = os.path.join(ROOT, "tests", "streaming_multiprocess_worker.py")
+  procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), workdir, out], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  logs = [p.communicate(timeout=240)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
+  images = dataset.load_arrays(workdir, "train", ("image",))["image"]
+  pixels = attackers.PixelEmbedder(8).embed(images)
+  sums = images.reshape(len(images), -1).astype(np.float32).sum(1) * np.float32(0.5)
+  half = -(-len(images) // 2)
+  for pid in range(2):
+    res = np.load(f"{out}.{pid}.npz")
+    T.assert_identical(res["pixels"], pixels)
+    T.assert_identical(res["sums"], sums)
+    assert res["share"].tolist() == [pid * half, min((pid + 1) * half, len(images))]
+    assert 0 < int(res["largest"]) <= half  # its own share only, never the whole split

@@ -7,6 +7,7 @@ Stages read a split with `load_columns`: the image-sized keys (`STREAMED_KEYS`) 
 what stays resident. `load_arrays` (everything in memory) remains for tests and small tools.
 """
 
+import copy
 import os
 import threading
 
@@ -104,26 +105,33 @@ def load_split(workdir: str, split: str, *, in_memory: bool = False):
 STREAMED_KEYS = ("image", "latent")  # image-sized: decoded per batch, never held for a whole split
 
 
-class RecordColumn:
-  """One key of a split's records as a read-only lazy array [N, ...].
+class LazyColumn:
+  """A read-only lazy array [N, ...] whose rows are decoded only when asked for.
 
-  len, shape, dtype and ndim come from the record spec without reading; `column[i]` decodes one
-  record, `column[slice | int array | bool mask]` decodes just those rows (duplicates and order
-  kept) and stacks them. `subset(rows)` is a view over some rows (nothing read). `np.asarray` of a
-  whole column works but reads every row: streaming code asks for batches instead.
-  `RecordColumn.largest_read` is the most rows any read decoded at once (tests and the memory
-  bench check that stages read in batches).
+  len, shape, dtype and ndim are known without reading; `column[i]` decodes one row,
+  `column[slice | int array | bool mask]` decodes just those rows (duplicates and order kept) and
+  stacks them. `subset(rows)` is a view over some rows (nothing read). `np.asarray` of a whole
+  column works but reads every row: streaming code asks for batches instead.
+  `LazyColumn.largest_read` is the most rows any read decoded at once (tests and the memory
+  bench check that stages read in batches). Subclasses say how many rows there are (`_size`) and
+  read rows by their own keys (`_read`).
   """
   largest_read = 0
   _lock = threading.Lock()
 
-  def __init__(self, source, key: str, shape, dtype, rows=None):
-    self._source, self.key = source, key
-    self._row_shape, self.dtype = tuple(shape), np.dtype(dtype)
+  def __init__(self, row_shape, dtype, rows=None):
+    self._row_shape, self.dtype = tuple(row_shape), np.dtype(dtype)
     self._rows = None if rows is None else np.asarray(rows, np.int64)
 
+  def _size(self) -> int:
+    raise NotImplementedError
+
+  def _read(self, keys: np.ndarray) -> np.ndarray:
+    """Rows `keys` (non-empty, in the subclass's own numbering) stacked."""
+    raise NotImplementedError
+
   def __len__(self) -> int:
-    return len(self._source) if self._rows is None else len(self._rows)
+    return self._size() if self._rows is None else len(self._rows)
 
   @property
   def shape(self) -> tuple:
@@ -149,38 +157,101 @@ class RecordColumn:
       raise IndexError(f"row index out of range for a column of {n} rows")
     return np.where(idx < 0, idx + n, idx)
 
-  def _records(self, positions: np.ndarray) -> np.ndarray:
+  def _rows_at(self, positions: np.ndarray) -> np.ndarray:
     keys = positions if self._rows is None else self._rows[positions]
-    with RecordColumn._lock:
-      RecordColumn.largest_read = max(RecordColumn.largest_read, int(len(keys)))
+    with LazyColumn._lock:
+      LazyColumn.largest_read = max(LazyColumn.largest_read, int(len(keys)))
     if not len(keys):
       return np.zeros((0, *self._row_shape), self.dtype)
-    records = self._source.__getitems__([int(k) for k in keys])
-    return np.stack([np.asarray(r[self.key], self.dtype) for r in records])
+    return self._read(keys)
 
   def __getitem__(self, item):
     if isinstance(item, (int, np.integer)):
-      return self._records(self._positions([item]))[0]
-    return self._records(self._positions(item))
+      return self._rows_at(self._positions([item]))[0]
+    return self._rows_at(self._positions(item))
 
-  def subset(self, rows) -> "RecordColumn":
+  def subset(self, rows) -> "LazyColumn":
     """A view over `rows` of this column (int indices or a bool mask), in that order."""
     positions = self._positions(rows)
-    base = positions if self._rows is None else self._rows[positions]
-    return RecordColumn(self._source, self.key, self._row_shape, self.dtype, base)
+    view = copy.copy(self)
+    view._rows = positions if self._rows is None else self._rows[positions]
+    return view
 
   def __array__(self, dtype=None, copy=None):
-    out = self._records(np.arange(len(self)))
+    out = self._rows_at(np.arange(len(self)))
     return out if dtype is None else out.astype(dtype)
+
+
+class RecordColumn(LazyColumn):
+  """One key of a split's records (`SplitSource`) as a lazy column: a read decodes only the
+  records of the rows asked for."""
+
+  def __init__(self, source, key: str, shape, dtype, rows=None):
+    super().__init__(shape, dtype, rows)
+    self._source, self.key = source, key
+
+  def _size(self) -> int:
+    return len(self._source)
+
+  def _read(self, keys):
+    records = self._source.__getitems__([int(k) for k in keys])
+    return np.stack([np.asarray(r[self.key], self.dtype) for r in records])
 
   def __repr__(self):
     return f"RecordColumn({self.key!r}, shape={self.shape}, dtype={self.dtype}, {self._source!r})"
 
 
+class FileColumn(LazyColumn):
+  """One image file per row (e.g. the released PNGs) as a lazy column: `read(path)` -> the row,
+  called only for the rows asked for."""
+
+  def __init__(self, paths, read, shape, dtype=np.uint8, rows=None):
+    super().__init__(shape, dtype, rows)
+    self.paths, self._read_one = list(paths), read
+
+  def _size(self) -> int:
+    return len(self.paths)
+
+  def _read(self, keys):
+    return np.stack([np.asarray(self._read_one(self.paths[int(k)]), self.dtype) for k in keys])
+
+  def __repr__(self):
+    return f"FileColumn(shape={self.shape}, dtype={self.dtype})"
+
+
+class MergedColumn(LazyColumn):
+  """Rows of `extra` (a small array) at the rows where `is_extra` is True, the rows of `base` (an
+  array or a lazy column) in order elsewhere: e.g. canaries planted in a streamed release."""
+
+  def __init__(self, base, extra, is_extra, rows=None):
+    is_extra = np.asarray(is_extra, bool)
+    super().__init__(tuple(base.shape[1:]), base.dtype, rows)
+    if int(is_extra.sum()) != len(extra) or len(is_extra) != len(base) + len(extra):
+      raise ValueError(f"{int(is_extra.sum())} extra rows marked for {len(extra)} given, "
+                       f"{len(is_extra)} rows for {len(base)} + {len(extra)}")
+    self._base, self._extra, self._is_extra = base, np.asarray(extra, self.dtype), is_extra
+    self._index = np.where(is_extra, np.cumsum(is_extra) - 1, np.cumsum(~is_extra) - 1)
+
+  def _size(self) -> int:
+    return len(self._is_extra)
+
+  def _read(self, keys):
+    out = np.empty((len(keys), *self._row_shape), self.dtype)
+    extra = self._is_extra[keys]
+    out[extra] = self._extra[self._index[keys[extra]]]
+    if (~extra).any():
+      out[~extra] = np.asarray(self._base[self._index[keys[~extra]]])
+    return out
+
+
+def is_lazy(x) -> bool:
+  return isinstance(x, LazyColumn)
+
+
 def take_rows(table: dict, rows) -> dict:
-  """The rows `rows` (indices or a bool mask) of a table whose values are numpy arrays or
-  RecordColumns (a column becomes a view: nothing is read)."""
-  return {k: v.subset(rows) if isinstance(v, RecordColumn) else np.asarray(v)[rows]
+  """The rows `rows` (indices or a bool mask) of a table whose values are numpy arrays or lazy
+  columns (a column becomes a view: nothing is read)."""
+  return {k: v.subset(rows) if isinstance(v, LazyColumn) else np.asarray(v)[rows]
           for k, v in table.items()}
 
 

@@ -201,3 +201,32 @@ def in_batches(fn, images, batch_size: int = 256):
     return fn(np.asarray(images[0:0]))
   return np.concatenate([fn(np.asarray(images[s:s + batch_size]))
                          for s in range(0, n, int(batch_size))])
+
+
+def process_share(n: int, index: int | None = None, count: int | None = None) -> tuple[int, int]:
+  """[start, stop) of a process's contiguous share of n rows: ceil(n / count) rows each, the last
+  shares shorter or empty."""
+  index = jax.process_index() if index is None else int(index)
+  count = jax.process_count() if count is None else int(count)
+  share = -(-int(n) // count)
+  return min(index * share, n), min((index + 1) * share, n)
+
+
+def split_pass(fn, images):
+  """fn (row-wise: row i of the output depends on row i of the input only) over all of `images`
+  (an array or a lazy column), the work split over the JAX processes: each process runs fn on its
+  contiguous share (only those rows are decoded there) and the shares are gathered, so every
+  process returns fn(images) [N, ...]. On one process this is fn(images) itself."""
+  count, n = jax.process_count(), len(images)
+  if count == 1 or n == 0:
+    return np.asarray(fn(images))
+  from jax.experimental import multihost_utils
+  from pso_jax.data import dataset
+  share = -(-n // count)
+  lo, hi = process_share(n)
+  rows = np.arange(lo, hi) if hi > lo else np.array([n - 1])  # an empty share runs one row
+  part = np.asarray(fn(images.subset(rows) if dataset.is_lazy(images) else images[rows]))
+  padded = np.concatenate([part[:hi - lo], np.repeat(part[-1:], share - (hi - lo), axis=0)])
+  gathered = np.asarray(multihost_utils.process_allgather(padded, tiled=True))
+  sizes = [np.subtract(*process_share(n, p, count)[::-1]) for p in range(count)]
+  return np.concatenate([gathered[p * share:p * share + sizes[p]] for p in range(count)])

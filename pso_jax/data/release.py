@@ -227,10 +227,11 @@ def card_markdown(card: dict) -> str:
 
 # ------------------------------------------------------------------ reading it back
 
-def load_released(workdir: str) -> dict:
+def load_released(workdir: str, lazy: bool = False) -> dict:
   """The released set in source order: images uint8 [N, H, W, C], labels float32 [N, 8] (the
   release filelist's), paths (release-relative names), source_index int [N] (position of the
-  conditioning real image in the train split, from the internal index)."""
+  conditioning real image in the train split, from the internal index). lazy: images as a lazy
+  column (`data.dataset.FileColumn`) that reads only the PNGs of the rows asked for."""
   internal, root = os.path.join(workdir, SUBDIR), os.path.join(workdir, RELEASE_DIR)
   if not os.path.exists(os.path.join(internal, io_utils.COMPLETE)):
     raise UserError(f"no synthetic dataset in {internal!r}; run --mode=select first")
@@ -243,8 +244,14 @@ def load_released(workdir: str) -> dict:
                     f"delete {root} and {internal} and rerun --mode=select")
   summary = io_utils.read_json(os.path.join(internal, "summary.json"))
   shape = tuple(summary["image_shape"])
-  images = [read_png(os.path.join(root, r["name"]), shape[-1]) for r in index]
-  return dict(images=np.stack(images) if images else np.zeros((0,) + shape, np.uint8),
+  files = [os.path.join(root, r["name"]) for r in index]
+  if lazy:
+    from pso_jax.data import dataset
+    images = dataset.FileColumn(files, lambda path: read_png(path, shape[-1]), shape)
+  else:
+    images = [read_png(path, shape[-1]) for path in files]
+    images = np.stack(images) if images else np.zeros((0,) + shape, np.uint8)
+  return dict(images=images,
               labels=labels[np.asarray([row[r["name"]] for r in index], np.int64)],
               paths=[r["name"] for r in index],
               source_index=np.asarray([r["index"] for r in index], np.int64))

@@ -200,9 +200,12 @@ def load_classifier(workdir: str, subdir: str = SUBDIR, which: str = "best") -> 
 def auroc_on_test(classifier: Classifier, test_images, test_labels, findings, *, resamples: int,
                seed: int) -> dict:
   """Mean and per-finding AUROC with bootstrap CIs of one classifier on the test split."""
+  from pso_jax.data import pipeline
   from pso_jax.evaluate import utility
   labels = check_labels(test_labels, len(test_images), findings, "test set")
-  report = utility.utility_report({"model": classifier.predict(test_images)}, labels, findings,
-                                  resamples=resamples, seed=seed)
+  # every test image once, the work split over the processes
+  probs = pipeline.split_pass(classifier.predict, test_images)
+  report = utility.utility_report({"model": probs}, labels, findings, resamples=resamples,
+                                  seed=seed)
   model = report.pop("models")["model"]
   return {**model, **report}

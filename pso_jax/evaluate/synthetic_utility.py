@@ -70,9 +70,11 @@ def synthetic_features(config, workdir: str, synthetic_images, train_images):
     return None, ("diversity skipped: features come from an external extractor "
                   "(config.data.features.kind=file) that pso_jax cannot run on synthetic images")
   train_feats, test_feats = dataset.load_features(workdir, "train"), dataset.load_features(workdir, "test")
-  raw_syn = features.raw_features(config, synthetic_images)
+  from pso_jax.data import pipeline  # images (arrays or lazy columns) stream: features per batch
+  raw_syn = pipeline.in_batches(lambda x: features.raw_features(config, x), synthetic_images)
   if kind == "random_projection":  # whitened on train statistics, as prepare does
-    raw = {"train": features.raw_features(config, train_images), "synthetic": raw_syn}
+    raw = {"train": pipeline.in_batches(lambda x: features.raw_features(config, x), train_images),
+           "synthetic": raw_syn}
     syn = features.finalise(config, raw)["synthetic"]
   else:
     syn = features.unit_normalise(raw_syn)

@@ -89,7 +89,11 @@ def plant(audited: np.ndarray, train_images: np.ndarray, train_patients, n: int,
   position = np.sort(rng.choice(total, n, replace=False))
   is_canary = np.zeros(total, bool)
   is_canary[position] = True
-  out = np.empty((total,) + audited.shape[1:], np.uint8)
-  out[is_canary] = copies
-  out[~is_canary] = audited
+  if isinstance(audited, np.ndarray):
+    out = np.empty((total,) + audited.shape[1:], np.uint8)
+    out[is_canary] = copies
+    out[~is_canary] = audited
+  else:  # a lazy column (a streamed release): the copies join it, nothing of it is read
+    from pso_jax.data import dataset
+    out = dataset.MergedColumn(audited, copies, is_canary)
   return out, Canaries(position=position, train_index=src, patient=train_patients[src], kind=kinds)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from pso_jax import io_utils, parallel
+from pso_jax.data import pipeline
 from pso_jax.privacy import reid
 from pso_jax.errors import UserError
 from pso_jax.evaluate import utility
@@ -68,7 +69,8 @@ def verification_metrics(model: reid.ReidModel, images, patient_ids, *, max_pair
                          target_fpr: float = 1e-3) -> dict:
   """Pair AUC with bootstrap CI, and TPR/FPR at tau (calibrated here when tau is None)."""
   i, j, same = reid.make_pairs(patient_ids, max_pairs, seed)
-  sims = reid.pair_similarities(model.embed(images), i, j)
+  # every image embedded once, the work split over the processes (images: array or lazy column)
+  sims = reid.pair_similarities(pipeline.split_pass(model.embed, images), i, j)
   if tau is None:
     tau = reid.calibrate_tau(sims, same, mode, target_fpr)
   return {"tau": tau, **utility.auc_with_ci(sims, same, resamples, seed),

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from pso_jax.data import pipeline
 from pso_jax.errors import UserError
 from pso_jax.privacy import attackers as attackers_lib
 from pso_jax.privacy import audit, verdict
@@ -43,7 +44,9 @@ def spaces(config, attacker_list, train: dict, holdout: dict, n_audited: int, *,
   out = []
   for atk in attacker_list:
     start = time.time()
-    emb = {k: attackers_lib.check_unit_norm(atk.name, atk.embedder.embed(x["image"]))
+    # every image once, the work split over the processes (lazy columns read per batch)
+    emb = {k: attackers_lib.check_unit_norm(atk.name,
+                                            pipeline.split_pass(atk.embedder.embed, x["image"]))
            for k, x in (("train", train), ("holdout", holdout))}
     seconds = time.time() - start
     ref = audit.reference(config, emb["train"], train["patient_id"], emb["holdout"],
@@ -64,10 +67,12 @@ def _row(name: str, res: dict) -> dict:
 
 def audit_release(config, space_list, images, *, source_index=None, clusters=None, names=None,
                   canaries=None, evidence: bool = True) -> dict:
-  """Audits uint8 images in every space. clusters: the patient behind each image where known
+  """Audits uint8 images (an array or a lazy column) in every space. clusters: the patient behind each image where known
   (source_index: the training image each one was made from, for the 1:1 memorisation rate).
   Returns {summary (the verdict), attackers: {name: audit.attack's result}, meta, canaries}."""
-  images = np.asarray(images)
+  from pso_jax.data import dataset
+  if not dataset.is_lazy(images):  # a lazy column (a streamed release) is embedded batch by batch
+    images = np.asarray(images)
   if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
     raise UserError(f"audited images must be a non-empty uint8 array [N, H, W, C], got "
                     f"{images.dtype} {images.shape}")
@@ -76,7 +81,7 @@ def audit_release(config, space_list, images, *, source_index=None, clusters=Non
   for sp in space_list:
     atk = sp.attacker
     t0 = time.time()
-    emb = attackers_lib.check_unit_norm(atk.name, atk.embedder.embed(images))
+    emb = attackers_lib.check_unit_norm(atk.name, pipeline.split_pass(atk.embedder.embed, images))
     source_sims = None
     if source_index is not None:
       source_sims = np.einsum("nd,nd->n", emb.astype(np.float64),

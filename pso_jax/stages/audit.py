@@ -28,7 +28,7 @@ def run(config, workdir: str, **_) -> dict:
   if finished is not None:
     return finished["summary"]
   attackers.check_config(config)
-  released = release.load_released(workdir)
+  released = release.load_released(workdir, lazy=True)  # PNGs read per batch
   if len(released["images"]) == 0:
     raise UserError(f"the released synthetic set in {workdir}/{release.RELEASE_DIR} is empty; "
                     f"nothing to audit (check {release.SUBDIR}/summary.json of the select stage)")

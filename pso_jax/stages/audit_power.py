@@ -33,7 +33,8 @@ def run(config, workdir: str, **_) -> dict:
   size = int(config.audit.power_size)
   if size < 0:
     size = len(release.load_released(workdir)["paths"])
-  train = dataset.load_arrays(workdir, "train", keys=("image", "patient_id", "labels", "feature"))
+  # training images stream (embedded per batch, near copies decode their few rows)
+  train = dataset.load_columns(workdir, "train", keys=("image", "patient_id", "labels", "feature"))
   val = audit.load_real(workdir, "val")
   # phantom null images come from patients numbered above every prepared one
   pool, holdout, source = power.null_pool(config, release_audit.load_holdout(config, workdir),

@@ -17,7 +17,8 @@ def run(config, workdir: str, **_) -> dict:
   finished = stages.done(workdir, "evaluate")
   if finished is not None:
     return finished
-  released = release.load_released(workdir)  # fails first when select has not run
+  # fails first when select has not run; PNGs read per batch
+  released = release.load_released(workdir, lazy=True)
   splits = classifier_training.load_labelled_splits(workdir)
   result = utility.as_json(synthetic_utility.evaluate(config, workdir, splits, released))
   stages.finish(workdir, "evaluate", result)
