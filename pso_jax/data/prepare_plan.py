@@ -440,6 +440,19 @@ def _drop_stale_chunks(partial: str, chunks: list[Chunk]) -> None:
       os.remove(os.path.join(folder, name))
 
 
+def compute_share(config, plan: Plan, workdir: str, index: int, count: int) -> int:
+  """Process `index` of `count`'s share of prepare's expensive work (drawing or decoding and
+  resizing images, VAE encoding): chunks index, index + count, ... of the plan, cached under
+  workdir/.data.partial/chunks/ (a filesystem all processes share), where `build` then finds them.
+  Each chunk is written atomically and skipped when cached, so a killed run resumes per chunk.
+  Returns how many chunks this process computed."""
+  partial = os.path.join(workdir, ".data.partial")
+  mine = plan_chunks(config, plan)[index::count]
+  todo = [c for c in mine if not os.path.exists(_chunk_path(partial, c))]
+  _compute_chunks(config, plan, mine, partial)
+  return len(todo)
+
+
 def build(config, plan: Plan, workdir: str) -> dict:
   """Writes the dataset into workdir/data (process 0 only), resuming from cached chunks; returns
   the card."""

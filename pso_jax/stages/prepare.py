@@ -17,16 +17,21 @@ from pso_jax.errors import UserError
 
 
 def run(config, workdir: str, **options) -> dict:
-  """The `prepare` stage. Process 0 writes; every process validates and waits for the result."""
+  """The `prepare` stage. Every process validates the input and draws or decodes (and encodes)
+  its share of the chunks (`prepare_plan.compute_share`); process 0 then assembles the dataset
+  from the cached chunks and writes it; the others wait for the result."""
   del options
   import jax
   finished = stages.done(workdir, "prepare")
   if finished is not None:
     return finished
   plan = prepare_plan.make_plan(config)
-  card = prepare_plan.build(config, plan, workdir) if jax.process_index() == 0 else None
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+    prepare_plan.compute_share(config, plan, workdir, jax.process_index(), jax.process_count())
+    multihost_utils.sync_global_devices("pso_jax.stages.prepare.chunks")
+  card = prepare_plan.build(config, plan, workdir) if jax.process_index() == 0 else None
+  if jax.process_count() > 1:
     multihost_utils.sync_global_devices("pso_jax.stages.prepare")
   if card is None:
     card = stages.done(workdir, "prepare")
