@@ -7,7 +7,8 @@ against the train step's, measured in the same run.
 
 Each stage runs as its own process (`python -m pso_jax.main --mode=STAGE`) on a phantom of N scans
 (all splits: data.phantom.num_patients = ceil(N / scans_per_patient)), then on a workdir of factor
-x N; its peak RSS is the child's VmHWM, polled from /proc. A stage that streams its images grows from N
+x N; its peak RSS is the child's VmHWM, polled from /proc. Every run starts with an empty XLA
+compilation cache, so both sizes compile alike. A stage that streams its images grows from N
 to factor x N by its resident tables only (docs/streaming.md): the table prints the ratio and the
 growth per added image next to the bytes of one image (target: ratio <= 1.10 beyond the tables).
 Then the loader (pipeline.make_loader over the larger workdir's train split, at the config's
@@ -48,7 +49,7 @@ def _hwm_bytes(pid: int) -> int:
   return 0
 
 
-def run_measured(cmd: list, log_path: str, env=None, poll_s: float = 0.02) -> dict:
+def run_measured(cmd: list, log_path: str, env=None, poll_s: float = 0.02, cwd: str = ROOT) -> dict:
   """Runs cmd as a child process; {rc, peak_rss (bytes), seconds}. Output goes to log_path.
 
   peak_rss is the child's VmHWM, polled from /proc while it runs: the peak of the program it
@@ -57,7 +58,7 @@ def run_measured(cmd: list, log_path: str, env=None, poll_s: float = 0.02) -> di
   start = time.perf_counter()
   peak = 0
   with open(log_path, "w") as log:
-    child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
     while child.poll() is None:
       peak = max(peak, _hwm_bytes(child.pid))
       time.sleep(poll_s)
@@ -154,7 +155,7 @@ def main(argv):
                       help="config override KEY=VALUE (without --config.), repeatable")
   parser.add_argument("--stages", default=",".join(STAGES))
   parser.add_argument("--workdir", default="", help="default: a temporary folder, removed after")
-  parser.add_argument("--step_preset", default="xs")
+  parser.add_argument("--step_preset", default="xs", help="'' skips the loader vs step figure")
   parser.add_argument("--step_batch", type=int, default=2)
   parser.add_argument("--loader_batches", type=int, default=50)
   args = parser.parse_args(argv[1:])
@@ -186,7 +187,10 @@ def main(argv):
                f"--workdir={workdir}", f"--mode={stage}",
                f"--config.data.phantom.num_patients={patients}", *overrides]
         log = os.path.join(base, f"n{n}_{stage}.log")
-        r = run_measured(cmd, log, env)
+        # an empty compilation cache for every run: a cache the first size filled would spare the
+        # second its compiles (and their memory), and the ratio would measure that
+        cache = dict(env, PSO_JAX_COMPILATION_CACHE=os.path.join(base, f"xla_n{n}_{stage}"))
+        r = run_measured(cmd, log, cache)
         if r["rc"] != 0:
           with open(log) as f:
             tail = f.read()[-3000:]
@@ -196,7 +200,7 @@ def main(argv):
               f"{r['seconds']:6.1f} s", flush=True)
     print(format_rows(growth_rows(peaks, sizes, image_bytes), sizes, image_bytes))
 
-    if "prepare" in stages or os.path.exists(os.path.join(base, f"n{sizes[1]}", "data")):
+    if args.step_preset and os.path.exists(os.path.join(base, f"n{sizes[1]}", "data")):
       loader = _loader_rate(config, os.path.join(base, f"n{sizes[1]}"), args.loader_batches)
       cmd = [sys.executable, "-m", "pso_jax.bench", "train", f"--preset={args.step_preset}",
              f"--batch={args.step_batch}", "--steps=3", "--no-breakdown"]
