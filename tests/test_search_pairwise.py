@@ -217,3 +217,60 @@ def test_aligned_host_arrays_are_used_in_place():
   y = np.ones((300, 24), np.float64)
   z = pairwise._as_host(y, np.float32)
   assert z.dtype == np.float32 and z.ctypes.data % 64 == 0 and (z == 1).all()
+
+
+@pytest.mark.parametrize("ring", [False, True])
+def test_two_stage_candidates_bound_every_other_reference(ring):
+  """The TPU's two-stage kernel (chunk maxima, then the chunks' rows scored again): distinct
+  candidates within eps of their float64 similarity, and every other reference at most
+  `outside` + eps, the certificate's premise. 3001 references in blocks of 512: a clamped last
+  block (replicated) or padded shards (ring)."""
+  q, r = _random(97, 3001, 32, seed=7)
+  queries, refs, opts = pairwise._resolve(q, r, 16, 512, "bfloat16", None, ring, "tpu")
+  assert opts.kernel.two_stage
+  kk = 12
+  approx, idx, outside = pairwise._candidates(queries, refs, kk, opts)
+  full = _exact(q, r)
+  eps = pairwise._eps_coeff("bfloat16", 32, "bfloat16") * opts.qnorm * opts.rmax
+  assert (idx >= 0).all() and all(len(set(row)) == kk for row in idx.tolist())
+  assert (np.abs(approx - np.take_along_axis(full, idx, 1)) <= eps[:, None]).all()
+  others = np.ones_like(full, bool)
+  np.put_along_axis(others, idx, False, 1)
+  assert (np.where(others, full, -np.inf).max(1) <= outside + eps).all()
+  assert (outside >= approx[:, -1]).all()
+
+
+@pytest.mark.parametrize("kernel", ["tpu", "tpu_ring"])
+def test_tpu_kernels_equal_the_cpu_kernel_and_numpy(kernel):
+  """Every kernel returns the same exact answer: knn (replicated and ring, bf16 and fp32) and
+  patient counts, against numpy and the CPU kernel."""
+  q, r, patients = _structured(n_patients=100, per=5, n_queries=150, d=32)
+  for ring in (False, True):
+    for dtype in ("bfloat16", "float32"):
+      opts = dict(query_block=16, ref_block=128, ring=ring, dtype=dtype)
+      sims, idx = pairwise.knn(q, r, 6, kernel=kernel, **opts)
+      _assert_topk_matches(sims, idx, q, r, 6)
+      c_sims, c_idx = pairwise.knn(q, r, 6, kernel="cpu", **opts)
+      np.testing.assert_array_equal(sims, c_sims)
+      np.testing.assert_array_equal(np.sort(idx, 1), np.sort(c_idx, 1))
+  res = pairwise.patient_search(q, r, patients, 0.55, 3, query_block=16, ref_block=64,
+                                dtype="bfloat16", kernel=kernel, count_k=4, margin=2)
+  np.testing.assert_array_equal(res.n_patients_matched, _numpy_patient_counts(q, r, patients, 0.55))
+  with pytest.raises(UserError, match="kernel 'gpu' is not known"):
+    pairwise.knn(q, r, 2, kernel="gpu")
+
+
+def test_packed_topk_equals_top_k():
+  """bf16 values and their columns packed into int32 keys: the same values as lax.top_k (ties,
+  +-0, +-inf), at columns that hold them, each once."""
+  rng = np.random.default_rng(0)
+  x = rng.integers(-300, 300, size=(64, 1000)).astype(np.float32) / 7
+  x[1], x[4] = 0.0, -0.0
+  x[2, ::3] = -np.inf
+  x[3, :5] = np.inf
+  xb = jax.numpy.asarray(x, jax.numpy.bfloat16)
+  v, col = jax.jit(lambda a: pairwise._topk_packed(a, 30))(xb)
+  v, col, xf = np.asarray(v, np.float32), np.asarray(col), np.asarray(xb, np.float32)
+  np.testing.assert_array_equal(v, -np.sort(-xf, axis=1)[:, :30])
+  np.testing.assert_array_equal(np.take_along_axis(xf, col, 1), v)
+  assert all(len(set(c)) == 30 for c in col.tolist())

@@ -22,6 +22,7 @@ public chip figures, not a measurement.
 """
 
 import argparse
+import dataclasses
 import fnmatch
 import importlib.metadata
 import json
@@ -261,8 +262,9 @@ def _print_fsdp_check(preset: str, topology: str, rows: list) -> None:
 
 
 def compile_audit(devices, n: int, m: int, d: int, k: int, dtype: str, ring: bool,
-                  query_block: int, ref_block: int):
-  """(compiled, info): search.pairwise's top-k engine as knn() would run it for n x m x d."""
+                  query_block: int, ref_block: int, kernel: str = "auto"):
+  """(compiled, info): search.pairwise's top-k engine as knn() would run it for n x m x d with
+  the named kernel (pairwise.KERNELS)."""
   import jax
   import numpy as np
   from pso_jax import parallel
@@ -270,9 +272,11 @@ def compile_audit(devices, n: int, m: int, d: int, k: int, dtype: str, ring: boo
   mesh = parallel.data_mesh(devices)
   n_dev = mesh.size
   kk = min(k + pairwise._margin(k, dtype), m)  # as knn(): candidates kept per query
-  rb = pairwise._fit_block(ref_block, m)
-  qb = pairwise._fit_block(query_block, -(-n // n_dev), multiple=8)
-  n_rows = pairwise._blocks(m, rb, n_dev, ring) * rb if ring or m < rb else m
+  kern = pairwise.resolve_kernel(kernel, mesh, ring)
+  kernel = kernel if kernel != "auto" else next(k for k, v in pairwise.KERNELS.items() if v == kern)
+  if dtype == "float32":  # as knn(): an fp32 search keeps fp32 similarities
+    kern = dataclasses.replace(kern, block_dtype="float32")
+  qb, rb, n_rows = pairwise.topk_plan(n, m, query_block, ref_block, n_dev, ring, kern)
   n_pad = -(-n // (n_dev * qb)) * n_dev * qb  # as _run_engine pads the queries
   host = jax.numpy.bfloat16 if dtype == "bfloat16" else jax.numpy.float32
   rows = parallel.batch_sharding(mesh)
@@ -280,17 +284,18 @@ def compile_audit(devices, n: int, m: int, d: int, k: int, dtype: str, ring: boo
   args = (jax.ShapeDtypeStruct((n_pad, d), host, sharding=rows),
           jax.ShapeDtypeStruct((n_rows, d), host, sharding=refs_sharding),
           jax.ShapeDtypeStruct((n_rows,), np.int32, sharding=refs_sharding))
-  fn = pairwise._engine(mesh, ring, ("topk", kk), qb, rb, dtype, n_rows > m)
+  fn = pairwise._engine(mesh, ring, ("topk", kk, kern), qb, rb, dtype, n_rows > m)
   start, cpu0 = time.perf_counter(), time.process_time()
   with jax.set_mesh(mesh):
     compiled = fn.lower(*args).compile()
   info = dict(n=n, m=m, d=d, k=k, kk=kk, query_block=qb, ref_block=rb, padded_queries=n_pad,
-              reference_rows=n_rows, ring=ring, dtype=dtype,
+              reference_rows=n_rows, ring=ring, dtype=dtype, kernel=kernel,
+              kernel_params=dataclasses.asdict(kern),
               gemm_flops=2.0 * n * m * d, padded_gemm_flops=2.0 * n_pad * n_rows * d,
               refs_bytes_per_chip=_shard_bytes(args[1]), queries_bytes_per_chip=_shard_bytes(args[0]),
               block_bytes=dict(query_block=qb * d * np.dtype(host).itemsize,
                                ref_block=rb * d * np.dtype(host).itemsize,
-                               similarity_block=qb * rb * 4),
+                               similarity_block=qb * rb * np.dtype(pairwise.DTYPES[kern.block_dtype]).itemsize),
               compile_s=time.perf_counter() - start, compile_cpu_s=time.process_time() - cpu0)
   return compiled, info
 
@@ -480,19 +485,21 @@ def run_train_case(topology, preset, batch, fsdp, grad_accum, dtype, hlo_dir="")
   return row
 
 
-def run_audit_case(topology, n, m, d, k, dtype, ring, query_block, ref_block, hlo_dir="") -> dict:
+def run_audit_case(topology, n, m, d, k, dtype, ring, query_block, ref_block, hlo_dir="",
+                   kernel="auto") -> dict:
   check_libtpu()
   name, devices, chip = resolve_topology(topology)
   row = dict(kind="audit", topology=name, alias=topology if topology != name else "",
              generation=chip.generation, chips=len(devices))
   try:
-    compiled, info = compile_audit(devices, n, m, d, k, dtype, ring, query_block, ref_block)
+    compiled, info = compile_audit(devices, n, m, d, k, dtype, ring, query_block, ref_block, kernel)
   except Exception as e:  # noqa: BLE001
     if _is_oom(e):
       return dict(row, n=n, m=m, d=d, ring=ring, fits=False, error=_oom_summary(e))
     raise
   row.update(info)
-  hlo = os.path.join(hlo_dir, f"audit_{name.replace(':', '_')}_{'ring' if ring else 'repl'}.hlo") if hlo_dir else ""
+  hlo = os.path.join(hlo_dir, f"audit_{name.replace(':', '_')}_{'ring' if ring else 'repl'}_"
+                     f"{info['kernel']}.hlo") if hlo_dir else ""
   row["analysis"] = analyse(compiled, len(devices), chip, info["gemm_flops"] / len(devices), hlo)
   row["hlo"] = hlo
   row["fits"] = row["analysis"]["memory"]["fits"]
@@ -518,14 +525,14 @@ def _case_args(case: dict, args) -> list:
     return ["--audit", f"--topology={case['topology']}", f"--ring={case['ring']}",
             f"--n={args.n}", f"--m={args.m}", f"--d={args.d}", f"--k={args.k}",
             f"--audit_dtype={args.audit_dtype}", f"--query_block={args.query_block}",
-            f"--ref_block={args.ref_block}"]
+            f"--ref_block={args.ref_block}", f"--audit_kernel={args.audit_kernel}"]
   return [f"--topology={case['topology']}", f"--preset={case['preset']}", f"--batch={case['batch']}",
           f"--fsdp={case['fsdp']}", f"--grad_accum={case['grad_accum']}", f"--dtype={args.dtype}"]
 
 
 def _case_key(row: dict) -> tuple:
   if row.get("kind") == "audit":
-    return ("audit", row.get("alias") or row["topology"], bool(row["ring"]))
+    return ("audit", row.get("alias") or row["topology"], bool(row["ring"]), row.get("kernel", "cpu"))
   return ("train", row.get("alias") or row["topology"], row["preset"], row["batch"], row["fsdp"],
           row["grad_accum"])
 
@@ -541,7 +548,8 @@ def sweep(args) -> None:
       ([] if args.audit_only else [dict(c, kind="train") for c in SWEEP])
   while cases:
     case = cases.pop(0)
-    key = (("audit", case["topology"], case["ring"]) if case["kind"] == "audit" else
+    kernel = args.audit_kernel if args.audit_kernel != "auto" else ("tpu_ring" if case.get("ring") else "tpu")
+    key = (("audit", case["topology"], case["ring"], kernel) if case["kind"] == "audit" else
            ("train", case["topology"], case["preset"], case["batch"], case["fsdp"], case["grad_accum"]))
     if key in done:
       continue
@@ -589,6 +597,16 @@ def reanalysed(row: dict) -> dict:
   return row
 
 
+def _kernel_label(row: dict) -> str:
+  """An audit row's kernel: its name, and what it chose (chunking, the block's storage dtype)."""
+  k = row.get("kernel_params") or dict(chunk=16, strided=True, block_dtype="float32")
+  dtype = "bf16" if k["block_dtype"] == "bfloat16" else "fp32"
+  if k.get("two_stage"):
+    return f"{row.get('kernel', 'cpu')}: two-stage, chunks of {k['chunk']}, {dtype} maxima"
+  return (f"{row.get('kernel', 'cpu')}: {'strided' if k['strided'] else 'contiguous'} chunks of "
+          f"{k['chunk']}, {dtype} block")
+
+
 def table(path: str) -> str:
   """The sweep's rows as the markdown tables of docs/pod_scale.md."""
   with open(path, encoding="utf-8") as f:
@@ -627,20 +645,20 @@ def table(path: str) -> str:
         f"{pct(est.get('compiler_mfu'))} | {r['compile_s'] / 60:.1f} min ({r['compile_cpu_s'] / 60:.1f}) |")
   audit = [r for r in rows if r.get("kind") == "audit"]
   if audit:
-    out += ["", "| slice (chips) | references | blocks (queries x refs) | HBM per chip: refs / temp / "
+    out += ["", "| slice (chips) | references | kernel | blocks (queries x refs) | HBM per chip: refs / temp / "
             "total GiB | TFLOP per chip: GEMM / compiled | HBM traffic per chip | ICI sent per chip | "
             "bound | time ms: roofline / per op | share of bf16 peak: roofline / per op | compile |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in audit:
       slice_name = f"{r.get('alias') or r['topology']} ({r['chips']})"
       kind = "ring-rotated" if r["ring"] else "replicated"
       if "analysis" not in r:
-        out.append(f"| {slice_name} | {kind} | | {r.get('error', '')} | | | | | | | |")
+        out.append(f"| {slice_name} | {kind} | {r.get('kernel', 'cpu')} | | {r.get('error', '')} | | | | | | | |")
         continue
       a = r["analysis"]
       mem, est, f = a["memory"], a["roofline"], a["flops"]
       out.append(
-          f"| {slice_name} | {kind} | {r['query_block']} x {r['ref_block']} | "
+          f"| {slice_name} | {kind} | {_kernel_label(r)} | {r['query_block']} x {r['ref_block']} | "
           f"{r['refs_bytes_per_chip'] / 2 ** 30:.2f} / {mem['temp'] / 2 ** 30:.2f} / "
           f"{mem['total'] / 2 ** 30:.2f} | {f.get('model', f['useful']) / 1e12:.2f} / "
           f"{f['hlo_matmul'] / 1e12:.2f} | {a['hbm_bytes']['used'] / 2 ** 30:.0f} GiB | "
@@ -676,6 +694,9 @@ def parse(argv):
                  help="audit: rotate sharded references (ppermute) instead of replicating them")
   p.add_argument("--query_block", type=int, default=1024, help="audit: as config.audit.query_block")
   p.add_argument("--ref_block", type=int, default=16384, help="audit: as config.audit.ref_block")
+  p.add_argument("--audit_kernel", default="auto", help="audit: a search.pairwise.KERNELS name "
+                 "(tpu: two-stage, the GEMM reduced to chunk maxima in its output fusion; tpu_ring: "
+                 "bf16 similarity block; cpu: the CPU's fp32 block), or auto (the TPU's)")
   p.add_argument("--sweep", action="store_true", help="run the cases of docs/pod_scale.md (train; "
                  "with --audit also the audit's), each in a fresh process, into --out")
   p.add_argument("--audit_only", action="store_true", help="with --sweep --audit: only the audit cases")
@@ -708,7 +729,7 @@ def main(argv):
       return rows
     if args.audit:
       r = run_audit_case(args.topology, args.n, args.m, args.d, args.k, args.audit_dtype, args.ring,
-                         args.query_block, args.ref_block, args.hlo_dir)
+                         args.query_block, args.ref_block, args.hlo_dir, args.audit_kernel)
       printer = _print_audit
     else:
       r = run_train_case(args.topology, args.preset, args.batch, args.fsdp, args.grad_accum,

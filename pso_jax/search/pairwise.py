@@ -43,6 +43,40 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
+class Kernel:
+  """How the device search reduces a similarity block to its top-kk (every choice stays exact:
+  the certificate's eps covers the block's storage dtype).
+
+  chunk: columns per chunk of the chunk-maximum top-k (`_block_topk`).
+  strided: chunk c holds columns c, c + nc, c + 2 nc, ...: on a CPU the maxima are one
+    elementwise max over contiguous slices. On a TPU the chunks' gather then needs the block
+    transposed: a copy of the whole block (read + write) that the contiguous chunks avoid.
+  block_dtype: the similarity block as stored between the GEMM and the top-k, for bf16 searches
+    (an fp32 search keeps fp32). bfloat16 halves the block's HBM traffic (on a TPU the rounding
+    is fused into the GEMM's output); its rounding (2^-8 relative) joins eps, so a few more
+    queries fall back to the fp32 search.
+  two_stage: the block is never stored: the GEMM's output is reduced at once to its (strided)
+    chunk maxima (on a TPU, inside the GEMM's output fusion), a running top-kk of chunks is kept
+    over the references, and then the references of each query's kk chunks are gathered and
+    scored again (`_stage2`). The top-kk of those chunks' rows is exact up to eps; every
+    reference outside them is at most the kk-th chunk maximum, a bound the certificate takes
+    (`outside`).
+  """
+  chunk: int = 16
+  strided: bool = True
+  block_dtype: str = "float32"
+  two_stage: bool = False
+
+
+# "cpu": the CPU's fastest; "tpu", "tpu_ring": what the programs compiled for TPU slices say
+# moves the fewest HBM bytes with replicated and with ring-rotated references (docs/pod_scale.md:
+# the two-stage kernel's gathers would run once per ring step); "auto" picks by platform and ring
+KERNELS = {"cpu": Kernel(),
+           "tpu": Kernel(chunk=16, block_dtype="bfloat16", two_stage=True),
+           "tpu_ring": Kernel(chunk=16, block_dtype="bfloat16")}
+
+
+@dataclasses.dataclass(frozen=True)
 class PatientSearch:
   topk_sims: np.ndarray           # [N, k] float32, descending
   topk_idx: np.ndarray            # [N, k] int32 reference rows
@@ -89,38 +123,48 @@ def _norms(x: np.ndarray, dtype=np.float32) -> np.ndarray:
   return np.sqrt(sq * (1 + 2 * (x.shape[1] + 2) * 2.0 ** -24))
 
 
-def _eps_coeff(dtype: str, d: int) -> float:
-  """|approximate - exact| <= coeff * |q| * |r| for one block GEMM of depth d, fp32 accumulate."""
-  accumulate = 2 * (d + 2) * 2.0 ** -24
+def _eps_coeff(dtype: str, d: int, block_dtype: str = "float32") -> float:
+  """|approximate - exact| <= coeff * |q| * |r| for one block GEMM of depth d, fp32 accumulate,
+  its result stored in block_dtype."""
+  coeff = 2 * (d + 2) * 2.0 ** -24
   if dtype == "bfloat16":
-    return 2 * 2.0 ** -8 + 2.0 ** -16 + accumulate   # two inputs rounded to 8 significant bits
-  return accumulate
+    coeff += 2 * 2.0 ** -8 + 2.0 ** -16   # two inputs rounded to 8 significant bits
+  if block_dtype == "bfloat16":
+    coeff += 2.0 ** -8 * (1 + coeff)      # the result rounded to 8 significant bits
+  return coeff
 
 
 # ----------------------------------------------------------------------------- device kernels
 
-def _block_topk(s, kk: int, chunk: int = _CHUNK):
+def _block_topk(s, kk: int, chunk: int = _CHUNK, strided: bool = True):
   """Exact top-kk of each row of s [qb, rb] (values; columns), by a hierarchy of chunk maxima.
 
-  Split a row's columns into groups ("chunks"; here strided: chunk c holds columns c, c + nc,
-  c + 2 nc, ..., so the maxima are one elementwise max over `chunk` contiguous slices). The kk
-  largest values lie in the kk chunks with the largest maxima (a value outside them is below kk
-  chunk maxima, each a distinct value of its own chunk), so one max pass over s leaves rb/chunk
-  maxima, whose top-kk chunks are found the same way, recursively; each level then costs a top-k
-  over kk*chunk values. A CPU top-k (a partial sort per row, one thread) over the whole row
-  would cost more than the block GEMM."""
+  Split a row's columns into groups ("chunks": strided, chunk c holds columns c, c + nc,
+  c + 2 nc, ..., so the maxima are one elementwise max over `chunk` contiguous slices; or
+  contiguous, chunk c holds columns c chunk ... c chunk + chunk - 1). The kk largest values lie in
+  the kk chunks with the largest maxima (a value outside them is at most kk chunk maxima, each a
+  distinct element of its own chunk), so one max pass over s leaves rb/chunk maxima, whose
+  top-kk chunks are found the same way, recursively; each level then costs a top-k over kk*chunk
+  values. A CPU top-k (a partial sort per row, one thread) over the whole row would cost more
+  than the block GEMM."""
   qb, rb = s.shape
   nc = rb // chunk
   if rb % chunk or nc <= 2 * kk:
     return jax.lax.top_k(s, kk)
-  chunks = s.reshape(qb, chunk, nc)
-  _, ci = _block_topk(chunks.max(1), kk, chunk)
-  cand = jnp.take_along_axis(chunks, ci[:, None, :], axis=2).reshape(qb, chunk * kk)
+  if strided:
+    chunks = s.reshape(qb, chunk, nc)
+    _, ci = _block_topk(chunks.max(1), kk, chunk, strided)
+    cand = jnp.take_along_axis(chunks, ci[:, None, :], axis=2).reshape(qb, chunk * kk)
+    v, j = jax.lax.top_k(cand, kk)
+    return v, jnp.take_along_axis(ci, j % kk, axis=1) + nc * (j // kk)
+  chunks = s.reshape(qb, nc, chunk)
+  _, ci = _block_topk(chunks.max(2), kk, chunk, strided)
+  cand = jnp.take_along_axis(chunks, ci[:, :, None], axis=1).reshape(qb, kk * chunk)
   v, j = jax.lax.top_k(cand, kk)
-  return v, jnp.take_along_axis(ci, j % kk, axis=1) + nc * (j // kk)
+  return v, jnp.take_along_axis(ci, j // chunk, axis=1) * chunk + j % chunk
 
 
-def _topk_reducer(kk: int):
+def _topk_reducer(kk: int, kernel: Kernel = Kernel()):
   """Running top-kk per query. aux: the reference ids of the rows ([R] int32, -1 for padding)."""
   def init(qb):
     return (jnp.full((qb, kk), -jnp.inf, jnp.float32), jnp.full((qb, kk), -1, jnp.int32))
@@ -129,15 +173,102 @@ def _topk_reducer(kk: int):
     return jax.lax.dynamic_slice_in_dim(aux, start, rb)
 
   def update(carry, s, ids, valid):
+    s = s.astype(DTYPES[kernel.block_dtype])
     if valid is not None:  # padding or (clamped last block) columns of the previous block
       s = jnp.where(valid[None, :] & (ids[None, :] >= 0), s, -jnp.inf)
-    v, col = _block_topk(s, kk)
-    v = jnp.concatenate([carry[0], v], axis=1)
+    v, col = _block_topk(s, kk, kernel.chunk, kernel.strided)
+    v = jnp.concatenate([carry[0], v.astype(jnp.float32)], axis=1)
     i = jnp.concatenate([carry[1], ids[col]], axis=1)
     v, j = jax.lax.top_k(v, kk)
     return v, jnp.take_along_axis(i, j, axis=1)
 
   return init, block_aux, update
+
+
+def _topk_packed(x, k: int):
+  """lax.top_k of a bf16 x [rows, n] (n <= 2^16) as a top-k of int32 keys: the value's bits made
+  order-preserving in the high half, the column in the low half: the TPU's sort moves int32 keys
+  and their positions instead of bf16 values, int32 columns and positions (and no relayout of
+  the columns); ties go to the higher column. Other dtypes: top_k."""
+  if x.dtype != jnp.bfloat16 or x.shape[-1] > 2 ** 16:
+    return jax.lax.top_k(x, k)
+  u = np.uint32
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  ordered = jnp.where(bits >= u(0x8000), bits ^ u(0xFFFF), bits ^ u(0x8000))  # negative: reversed order
+  col = jnp.arange(x.shape[-1], dtype=jnp.uint32)
+  keys = jax.lax.bitcast_convert_type(((ordered << u(16)) | col) ^ u(0x80000000), jnp.int32)
+  top, _ = jax.lax.top_k(keys, k)
+  top = jax.lax.bitcast_convert_type(top, jnp.uint32) ^ u(0x80000000)
+  ordered = top >> u(16)
+  bits = jnp.where(ordered >= u(0x8000), ordered ^ u(0x8000), ordered ^ u(0xFFFF)).astype(jnp.uint16)
+  return jax.lax.bitcast_convert_type(bits, jnp.bfloat16), (top & u(0xFFFF)).astype(jnp.int32)
+
+
+def _chunk_reducer(kk: int, kernel: Kernel, rb: int):
+  """Stage 1 of the two-stage kernel: running top-kk chunk maxima per query (values; chunk ids
+  i nc + n for chunk n of block i, -1 if none). Chunk n of a block holds its rows n, n + nc, ...,
+  n + (chunk - 1) nc (nc = rb / chunk), so its maximum is one elementwise max over `chunk`
+  contiguous slices of the block's GEMM output."""
+  chunk, nc = kernel.chunk, rb // kernel.chunk
+  init, _, _ = _topk_reducer(kk)
+
+  def block_aux(aux, i, start, rb):
+    return i
+
+  def update(carry, s, i, valid):
+    # s: the block transposed [rb, qb]: its chunk maxima come out with the queries minor, the
+    # layout the TPU's sort along the chunks wants (no relayout copies). Padding rows (id -1)
+    # are left in: a chunk maximum is then still an upper bound of its references, and stage 2
+    # drops them; rows met in the previous block (the clamped last block) are masked
+    if valid is not None:
+      s = jnp.where(valid[:, None], s, -jnp.inf)
+    # the maximum first, then the rounding (monotone, so the same as rounding first): the block
+    # is reduced inside the GEMM's output fusion and never stored
+    maxima = s.reshape(chunk, nc, s.shape[1]).max(0).T.astype(DTYPES[kernel.block_dtype])
+    v, n = _topk_packed(maxima, min(kk, nc))
+    v = jnp.concatenate([carry[0], v.astype(jnp.float32)], axis=1)
+    ids = jnp.concatenate([carry[1], i * nc + n], axis=1)
+    v, j = jax.lax.top_k(v, kk)
+    return v, jnp.take_along_axis(ids, j, axis=1)
+
+  return init, block_aux, update
+
+
+def _stage2(q, refs, ids, chunks, carry, kk: int, kernel: Kernel, rb: int, compute, sub: int = 128):
+  """Stage 2 of the two-stage kernel for one query block: the rows of each query's kk chunks
+  (chunks: (maxima, chunk ids) [qb, kk]) scored again and merged into carry (values, ids,
+  outside [qb]); outside: the largest chunk maximum not taken, a bound of every row left out."""
+  cv, cid = chunks
+  qb, d = q.shape
+  sub = sub if qb % sub == 0 else qb
+  nc, n_rows = rb // kernel.chunk, refs.shape[0]
+
+  def score(args):
+    q, cv, cid = args
+    block = cid // nc
+    start = jnp.minimum(block * rb, n_rows - rb)  # as the search placed the (clamped) block
+    rows = (start + cid % nc)[:, :, None] + nc * jnp.arange(kernel.chunk)  # [sub, kk, chunk]
+    safe = jnp.clip(rows, 0, n_rows - 1)
+    g = refs[safe].astype(compute)                                          # [sub, kk, chunk, d]
+    # a batched matrix-vector product would be rewritten as multiply + reduce in fp32 (the
+    # gathered rows converted to fp32 first); 8 query rows (7 of zeros) keep it on the MXU
+    q8 = jnp.pad(q[:, None, :], ((0, 0), (0, 7), (0, 0)))
+    s = jnp.einsum("qed,qkcd->qekc", q8, g, preferred_element_type=jnp.float32)[:, 0]
+    s = s.astype(DTYPES[kernel.block_dtype])
+    row_ids = ids[safe]
+    # not a padding row, a real chunk, and (clamped block) not a row of the previous block
+    keep = ((row_ids >= 0) & (rows >= (block * rb)[:, :, None])
+            & ((cid >= 0) & (cv > -jnp.inf))[:, :, None])
+    s = jnp.where(keep, s, -jnp.inf).reshape(q.shape[0], -1)
+    v, j = jax.lax.top_k(s, kk)
+    return v.astype(jnp.float32), jnp.take_along_axis(row_ids.reshape(q.shape[0], -1), j, axis=1)
+
+  v, i = jax.lax.map(score, (q.reshape(-1, sub, d), cv.reshape(-1, sub, cv.shape[1]),
+                             cid.reshape(-1, sub, cid.shape[1])))
+  v = jnp.concatenate([carry[0], v.reshape(qb, -1)], axis=1)
+  i = jnp.concatenate([carry[1], i.reshape(qb, -1)], axis=1)
+  v, j = jax.lax.top_k(v, kk)
+  return v, jnp.take_along_axis(i, j, axis=1), jnp.maximum(carry[2], cv[:, -1])
 
 
 def _count_reducer(tau: float, eps: float):
@@ -170,6 +301,12 @@ def _engine(mesh, ring: bool, reducer_key: tuple, qb: int, rb: int, dtype: str, 
   masked: (topk) some rows are padding (id -1), so every block is masked."""
   kind, *params = reducer_key
   init, block_aux, update = (_topk_reducer if kind == "topk" else _count_reducer)(*params)
+  kernel = params[1] if kind == "topk" else Kernel()
+  two_stage = kernel.two_stage
+  if two_stage:  # blocks reduce to chunk maxima; the result carry gains the bound `outside`
+    kk = params[0]
+    final_init = lambda qb: (*init(qb), jnp.full((qb,), -jnp.inf, jnp.float32))
+    init, block_aux, update = _chunk_reducer(kk, kernel, rb)
   axes = parallel.batch_axes(mesh)
   n_dev = mesh.size
   compute = DTYPES[dtype]
@@ -187,7 +324,7 @@ def _engine(mesh, ring: bool, reducer_key: tuple, qb: int, rb: int, dtype: str, 
 
   def local(queries, refs, aux):
     qblocks = queries.astype(compute).reshape(-1, qb, queries.shape[-1])
-    carry = jax.vmap(lambda _: init(qb))(jnp.arange(qblocks.shape[0]))
+    carry = jax.vmap(lambda _: (final_init if two_stage else init)(qb))(jnp.arange(qblocks.shape[0]))
     nqb = qblocks.shape[0]
 
     def search(refs, aux, carry):
@@ -205,13 +342,27 @@ def _engine(mesh, ring: bool, reducer_key: tuple, qb: int, rb: int, dtype: str, 
 
         def one(j, carry):
           c = jax.tree.map(lambda x: x[j], carry)
-          c = reduce(c, dot(qblocks[j], r), aux, i, start, clamped)
+          s = dot(r, qblocks[j]) if two_stage else dot(qblocks[j], r)  # (two-stage: [rb, qb])
+          c = reduce(c, s, aux, i, start, clamped)
           return jax.tree.map(lambda x, y: x.at[j].set(y), carry, c)
         return jax.lax.fori_loop(0, nqb, one, carry)
       carry = jax.lax.fori_loop(0, n_full, lambda i, c: per_block(i, False, c), carry)
       if n_full < nb:
         carry = per_block(n_full, True, carry)
       return carry
+
+    if two_stage:  # stage 1 over these references, then stage 2 into the result carry
+      stage1 = search
+
+      def search(refs, aux, carry):
+        chunks = stage1(refs, aux, jax.vmap(lambda _: init(qb))(jnp.arange(nqb)))
+
+        def one(j, carry):
+          c = jax.tree.map(lambda x: x[j], carry)
+          c = _stage2(qblocks[j], refs, aux, jax.tree.map(lambda x: x[j], chunks), c, kk, kernel,
+                      rb, compute)
+          return jax.tree.map(lambda x, y: x.at[j].set(y), carry, c)
+        return jax.lax.fori_loop(0, nqb, one, carry)
     if not ring:
       carry = search(refs, aux, carry)
     else:
@@ -344,29 +495,46 @@ class _Options:
   ring: bool
   qnorm: np.ndarray = None  # upper bounds of the query norms [N]
   rmax: float = 0.0         # upper bound of the reference norms
+  kernel: Kernel = Kernel()
+
+
+def topk_plan(n: int, m: int, query_block: int, ref_block: int, n_dev: int, ring: bool,
+              kernel: Kernel):
+  """(query block, reference block, reference rows after padding) of a top-k search."""
+  rb = _fit_block(ref_block, m, kernel.chunk)
+  per_dev = -(-n // n_dev)
+  # blocks of equal size, so that padding the queries costs under 8 rows per block
+  qb = _fit_block(-(-per_dev // -(-per_dev // max(1, query_block))), per_dev, multiple=8)
+  n_rows = _blocks(m, rb, n_dev, ring) * rb if ring or m < rb else m
+  return qb, rb, n_rows
 
 
 def _candidates(queries, refs, kk, opts: _Options):
-  """Approximate top-kk per query from the device search: (approx [N,kk] descending, idx)."""
+  """Approximate top-kk per query from the device search: (approx [N,kk] descending, idx,
+  outside [N]: an upper bound of the approximate similarity of every reference not in idx)."""
   mesh = opts.mesh
   m = len(refs)
-  rb = _fit_block(opts.ref_block, m)
-  qb = _fit_block(opts.query_block, -(-len(queries) // mesh.size), multiple=8)
-  n_rows = _blocks(m, rb, mesh.size, opts.ring) * rb if opts.ring or m < rb else m
+  qb, rb, n_rows = topk_plan(len(queries), m, opts.query_block, opts.ref_block, mesh.size,
+                             opts.ring, opts.kernel)
   ids = np.arange(n_rows, dtype=np.int32)
   if n_rows > m:  # ring shards (whole blocks each) or a set smaller than one block: pad
     rpad = aligned_empty((n_rows, refs.shape[1]))
     rpad[m:] = 0
     rpad[:m] = refs
     refs, ids[m:] = rpad, -1
-  return _run_engine(mesh, opts.ring, ("topk", kk), queries, refs, ids, qb, rb, opts.dtype,
-                     masked=n_rows > m)
+  out = _run_engine(mesh, opts.ring, ("topk", kk, opts.kernel), queries, refs, ids, qb, rb,
+                    opts.dtype, masked=n_rows > m)
+  if opts.kernel.two_stage:
+    approx, idx, outside = out
+    return approx, idx, np.maximum(outside, approx[:, -1])
+  return out[0], out[1], out[0][:, -1].copy()
 
 
 def _certified_topk(queries, refs, k, kk, opts: _Options, stats: dict, tau=None):
   """Top-kk candidates (kk >= k) per query, the top k of them certified complete and exact.
 
-  Returns (approx [N,kk] descending, exact [N,kk] descending, idx [N,kk] in exact order, eps [N]).
+  Returns (approx [N,kk] descending, exact [N,kk] descending, idx [N,kk] in exact order, eps [N],
+  outside [N]: an upper bound of the approximate similarity of every reference not in idx).
   `exact` is canonical for every candidate within 2 eps of the k-th and (given tau) for every one
   at >= tau - eps. A query whose candidates cannot be certified is searched again in fp32, then
   by float64 brute force.
@@ -374,43 +542,58 @@ def _certified_topk(queries, refs, k, kk, opts: _Options, stats: dict, tau=None)
   n, d = queries.shape
   kk = min(kk, len(refs))
   rmax, qnorm = opts.rmax, opts.qnorm
-  approx, idx = _candidates(queries, refs, kk, opts)
-  eps = _eps_coeff(opts.dtype, d) * qnorm * rmax
+  approx, idx, outside = _candidates(queries, refs, kk, opts)
+  eps = _eps_coeff(opts.dtype, d, opts.kernel.block_dtype) * qnorm * rmax
   stats.update(n=n, m=len(refs), d=d, dtype=opts.dtype, candidates=kk)
 
-  def uncertified(approx, eps):
+  def uncertified(approx, outside, eps):
     if kk == len(refs):
       return np.zeros(len(approx), bool)  # every reference is a candidate
-    return approx[:, kk - 1] >= approx[:, min(k, kk) - 1] - 2 * eps
+    return outside >= approx[:, min(k, kk) - 1] - 2 * eps
 
-  todo = np.nonzero(uncertified(approx, eps))[0]
+  todo = np.nonzero(uncertified(approx, outside, eps))[0]
   stats["refined_fp32"] = int(len(todo)) if opts.dtype != "float32" else 0
   if len(todo) and opts.dtype != "float32":
-    sub = dataclasses.replace(opts, dtype="float32")
-    a2, i2 = _candidates(queries[todo], refs, kk, sub)
+    sub = dataclasses.replace(opts, dtype="float32",
+                              kernel=dataclasses.replace(opts.kernel, block_dtype="float32"))
+    a2, i2, o2 = _candidates(queries[todo], refs, kk, sub)
     eps2 = _eps_coeff("float32", d) * qnorm[todo] * rmax
-    approx[todo], idx[todo], eps[todo] = a2, i2, eps2
-    todo = todo[uncertified(a2, eps2)]
+    approx[todo], idx[todo], outside[todo], eps[todo] = a2, i2, o2, eps2
+    todo = todo[uncertified(a2, o2, eps2)]
   stats["refined_float64"] = int(len(todo))
   if len(todo):
     approx[todo], idx[todo] = _host_topk(queries[todo], refs, kk)
+    outside[todo] = approx[todo, -1]
     eps[todo] = 2.0 ** -22 * qnorm[todo] * rmax  # exact values, rounded to float32 in approx
   cut = approx[:, min(k, kk) - 1] - 2 * eps
   if tau is not None:
     cut = np.minimum(cut, tau - eps)
   exact, idx = _sort_desc(_rescore(queries, refs, approx, idx, cut), idx)
   stats["rescored"] = int(np.sum(approx >= cut[:, None]))
-  return approx, exact, idx, eps
+  return approx, exact, idx, eps, outside
 
 
-def _resolve(queries, refs, query_block, ref_block, dtype, mesh, ring):
+def resolve_kernel(kernel: str, mesh, ring: bool) -> Kernel:
+  """KERNELS[kernel]; "auto": the TPU's (for ring or replicated references) on a TPU mesh, the
+  CPU's otherwise."""
+  if kernel == "auto":
+    kernel = ("tpu_ring" if ring else "tpu") if mesh.devices.flat[0].platform == "tpu" else "cpu"
+  if kernel not in KERNELS:
+    raise UserError(f"kernel {kernel!r} is not known; use auto or one of {sorted(KERNELS)}")
+  return KERNELS[kernel]
+
+
+def _resolve(queries, refs, query_block, ref_block, dtype, mesh, ring, kernel):
   if dtype not in DTYPES:
     raise UserError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
+  mesh = mesh if mesh is not None else parallel.data_mesh()
+  kernel = resolve_kernel(kernel, mesh, ring)
+  if dtype == "float32":  # an fp32 search keeps fp32 similarities (its margin is for their errors)
+    kernel = dataclasses.replace(kernel, block_dtype="float32")
   queries, qnorm = _checked("queries", queries)
   refs, rnorm = _checked("references", refs, queries.shape[1])
-  return queries, refs, _Options(int(query_block), int(ref_block), dtype,
-                                 mesh if mesh is not None else parallel.data_mesh(), bool(ring),
-                                 qnorm, float(rnorm.max()))
+  return queries, refs, _Options(int(query_block), int(ref_block), dtype, mesh, bool(ring),
+                                 qnorm, float(rnorm.max()), kernel)
 
 
 def _check_k(k, m):
@@ -425,17 +608,18 @@ def _margin(k: int, dtype: str) -> int:
 
 def knn(queries, refs, k: int, *, query_block: int = 1024, ref_block: int = 16384,
         dtype: str = "float32", mesh=None, ring: bool = False, margin: Optional[int] = None,
-        stats: Optional[dict] = None):
+        stats: Optional[dict] = None, kernel: str = "auto"):
   """Exact k nearest references by dot product: (sims [N,k] float32 descending, idx [N,k] int32).
 
   Ties at the k-th place may resolve to either reference. `ring=True` shards the references over
-  the devices and rotates them (for reference sets larger than one device's memory).
+  the devices and rotates them (for reference sets larger than one device's memory). kernel: a
+  name in KERNELS, or "auto" (by the mesh's platform); every kernel gives the same answer.
   """
-  queries, refs, opts = _resolve(queries, refs, query_block, ref_block, dtype, mesh, ring)
+  queries, refs, opts = _resolve(queries, refs, query_block, ref_block, dtype, mesh, ring, kernel)
   _check_k(k, len(refs))
   stats = {} if stats is None else stats
   kk = k + (_margin(k, dtype) if margin is None else margin)
-  _, exact, idx, _ = _certified_topk(queries, refs, k, kk, opts, stats)
+  exact, idx = _certified_topk(queries, refs, k, kk, opts, stats)[1:3]
   return exact[:, :k].astype(np.float32), idx[:, :k].astype(np.int32)
 
 
@@ -509,14 +693,15 @@ def _distinct_in_order(patients: np.ndarray, hit: np.ndarray):
 
 def patient_search(queries, refs, ref_patients, tau: float, k: int, *, query_block: int = 1024,
                    ref_block: int = 16384, dtype: str = "float32", mesh=None, ring: bool = False,
-                   count_k: int = 16, margin: Optional[int] = None) -> PatientSearch:
+                   count_k: int = 16, margin: Optional[int] = None,
+                   kernel: str = "auto") -> PatientSearch:
   """Top-k references per query plus the distinct training patients matched at sim >= tau.
 
   ref_patients: int [M] patient id of each reference (any non-negative ints).
   count_k: candidates kept per query for counting; queries with more near-tau references than
   that are counted by the exact patient-segment kernel instead.
   """
-  queries, refs, opts = _resolve(queries, refs, query_block, ref_block, dtype, mesh, ring)
+  queries, refs, opts = _resolve(queries, refs, query_block, ref_block, dtype, mesh, ring, kernel)
   _check_k(k, len(refs))
   ref_patients = np.asarray(ref_patients)
   if ref_patients.shape != (len(refs),) or not np.issubdtype(ref_patients.dtype, np.integer):
@@ -528,12 +713,12 @@ def patient_search(queries, refs, ref_patients, tau: float, k: int, *, query_blo
     raise UserError(f"tau={tau} is not a finite similarity threshold")
   stats = {}
   kk = max(k + (_margin(k, dtype) if margin is None else margin), count_k)
-  approx, exact, idx, eps = _certified_topk(queries, refs, k, kk, opts, stats, tau=tau)
+  approx, exact, idx, eps, outside = _certified_topk(queries, refs, k, kk, opts, stats, tau=tau)
   kk = idx.shape[1]
   hit = exact >= tau
   count, matched = _distinct_in_order(np.where(idx >= 0, ref_patients[np.maximum(idx, 0)], -1), hit)
   # all references reaching tau are candidates unless the last candidate is near or above tau
-  saturated = np.zeros(len(queries), bool) if kk == len(refs) else approx[:, kk - 1] >= tau - eps
+  saturated = np.zeros(len(queries), bool) if kk == len(refs) else outside >= tau - eps
   todo = np.nonzero(saturated)[0]
   stats["saturated"] = int(len(todo))
   if len(todo):
