@@ -267,3 +267,18 @@ def test_bad_input_messages(monkeypatch):
   monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.1")
   with pytest.raises(UserError, match=r"libtpu 0\.0\.1 is installed, but jax .* needs libtpu=="):
     pod.check_libtpu()
+
+
+def test_audit_plan_and_kernel_label():
+  """The audit's blocks as the bench compiles them: query blocks of equal size (100k queries on
+  32 chips: 4 blocks of 784, not 4 of 1024 with 31% padding), and the table's kernel column."""
+  from pso_jax.search import pairwise
+  tpu = pairwise.KERNELS["tpu"]
+  assert pairwise.topk_plan(100_000, 1_000_000, 1024, 16384, 32, False, tpu) == (784, 16384, 1_000_000)
+  assert pairwise.topk_plan(100_000, 1_000_000, 1024, 16384, 4, False, tpu)[0] == 1000
+  qb, rb, rows = pairwise.topk_plan(100_000, 1_000_000, 1024, 16384, 128, True, tpu)
+  assert (qb, rb, rows) == (784, 16384, 128 * 16384)  # ring: 62 blocks padded to one per chip
+  row = dict(kernel="tpu", kernel_params=dict(chunk=16, strided=True, block_dtype="bfloat16",
+                                             two_stage=True))
+  assert pod._kernel_label(row) == "tpu: two-stage, chunks of 16, bf16 maxima"
+  assert pod._kernel_label({}) == "cpu: strided chunks of 16, fp32 block"  # rows before kernels
