@@ -10,7 +10,8 @@ slice's chips and the real TPU compiler compiles for them. The program compiled 
 stage's own jitted step (`diffusion.train_step.jit_train_step(make_train_step(...))`, with the
 FSDP state shardings, batch sharding, grad accumulation and donation of `stages/train.py`) at the
 reference recipe's 64x64x4 latents and 2048-d pseudo-conditions, lowered from ShapeDtypeStructs;
-and `search.pairwise`'s sharded blocked top-k engine, with its block sizes and padding. JAX's
+and `search.pairwise`'s sharded blocked top-k engine, with its block sizes, padding and the kernel
+`knn(kernel="auto")` picks on a TPU (`--audit_kernel`). JAX's
 default backend stays on the CPU, so nothing is allocated anywhere.
 
 Per chip it prints: HBM bytes of arguments, outputs, temporaries and in total (the compiler's
