@@ -72,6 +72,21 @@ def test_batched_passes_read_only_their_batch(workdir):
   T.assert_identical(rows, want[:, 0, 0, 0].astype(np.int32))
 
 
+def test_in_batches_default_is_a_byte_budget():
+  """pipeline.in_batches' default batch: the demo's small images in one batch (a float32 matmul
+  then rounds as on the whole array), 512-px RGB images 85 at a time (64 MiB)."""
+  sizes = []
+  record = lambda x: (sizes.append(len(x)), np.zeros(len(x)))[1]
+  pipeline.in_batches(record, np.broadcast_to(np.uint8(0), (1000, 32, 32, 1)))
+  assert sizes == [1000]
+  sizes.clear()
+  pipeline.in_batches(record, np.broadcast_to(np.uint8(0), (200, 512, 512, 3)))
+  assert sizes == [85, 85, 30]
+  rng = np.random.default_rng(0)
+  a, p = rng.random((1000, 64), np.float32), rng.standard_normal((64, 16)).astype(np.float32)
+  T.assert_identical(pipeline.in_batches(lambda x: x @ p, a), a @ p)
+
+
 def test_trainer_decodes_only_each_process_rows(workdir):
   """supervised.batch_reader: a sampler of record indices -> the images of this process's rows of
   the batch, read from the column, as the in-memory sampler's images."""

@@ -192,11 +192,19 @@ def resume_plan(saved: dict | None, layout: dict, step: int) -> tuple[int, bool]
 
 # ------------------------------------------------------------------ streamed passes over a split
 
-def in_batches(fn, images, batch_size: int = 256):
+BATCH_BYTES = 64 << 20  # in_batches' default batch: this many bytes of images (at least 64 rows)
+
+
+def in_batches(fn, images, batch_size: int | None = None):
   """fn(numpy rows) over consecutive batches of `images` (an array or a lazy column,
   `dataset.RecordColumn`), the outputs concatenated: a row-wise fn then sees at most batch_size
-  decoded images at a time. fn returns an array with the batch's leading axis."""
+  decoded images at a time. fn returns an array with the batch's leading axis. The default batch
+  holds BATCH_BYTES of images: small images (the demo's whole split) go in one batch, so a float32
+  matmul inside fn rounds as it did on the whole array."""
   n = len(images)
+  if batch_size is None:
+    row_bytes = max(1, int(np.prod(images.shape[1:])) * np.dtype(images.dtype).itemsize)
+    batch_size = max(64, BATCH_BYTES // row_bytes)
   if n == 0:
     return fn(np.asarray(images[0:0]))
   return np.concatenate([fn(np.asarray(images[s:s + batch_size]))
