@@ -61,6 +61,8 @@ def run_modes(config, workdir: str, modes: list, **options) -> dict:
       overall.set_postfix_str(m)
     start = time.time()
     kwargs = {"compare": options.get("compare")} if m == "report" else {}
+    if m == "compare":  # the comparison runs each method's stages through this same loop
+      kwargs = {"run_modes": run_modes, "record_timing": record_timing}
     results[m] = run(config, workdir, **kwargs)
     timings[m] = time.time() - start
     if jax.process_index() == 0:

@@ -13,6 +13,10 @@ from pso_jax.report import audit_report, figures, html
 
 SUBDIR = "report"          # figures; report.html and results.json sit at the workdir root
 REPORT_FILE = "report.html"
+# results.json's sections, each the result of one stage (by its mode in the stage table)
+SECTIONS = {"data": "prepare", "diffusion": "train", "reid": "train_reid",
+            "classifier": "train_classifier", "selection": "select", "audit": "audit",
+            "evaluate": "evaluate"}
 FIG = {"auroc": "report/auroc_per_class.png", "loss": "report/loss_curves.png",
        "samples": "report/real_vs_synthetic.png"}
 

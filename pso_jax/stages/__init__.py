@@ -69,6 +69,10 @@ STAGES = (
     Stage("report", "pso_jax.stages.report", "", "results.json",
           ("prepare", "train", "train_reid", "train_classifier", "select", "audit", "evaluate"),
           "report.html + results.json", marker=False),
+    # runs its own sub-pipelines (shared stages once, then each method's) in sub-workdirs
+    Stage("compare", "pso_jax.stages.compare", "", "compare.json", (),
+          "the paper's comparison: every method trained, released with and without selection, "
+          "audited and evaluated; compare.html + compare.json", marker=False, in_pipeline=False),
 )
 MODES = tuple(s.mode for s in STAGES) + ("pipeline",)
 PIPELINE = tuple(s.mode for s in STAGES if s.in_pipeline)  # what --mode=pipeline runs

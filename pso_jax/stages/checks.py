@@ -275,11 +275,22 @@ def check_report(config) -> None:
   count(config, "report.grid")
 
 
+def check_compare(config) -> None:
+  """Every sub-run of the comparison passes the checks of the stages it runs, each with its own
+  config (a method whose overrides cannot work stops here, before any model trains)."""
+  from pso_jax.report import comparison
+  for what, sub_config, modes in comparison.configs_to_check(config):
+    try:
+      check_config(sub_config, modes)
+    except UserError as e:
+      raise UserError(f"--mode=compare, {what}: {e}") from None
+
+
 CHECKS = {"prepare": check_prepare, "train": check_train, "train_reid": check_train_reid,
           "train_classifier": check_train_classifier, "sample": check_sample,
           "select": check_select, "audit": check_audit, "audit_power": check_audit,
           "evaluate": check_evaluate,
-          "report": check_report}
+          "report": check_report, "compare": check_compare}
 
 
 def check_config(config, modes) -> None:

@@ -14,11 +14,6 @@ from pso_jax import io_utils, stages
 from pso_jax.errors import UserError
 from pso_jax.report import results_page
 
-# results.json's sections, each the result of one stage
-SECTIONS = {"data": "prepare", "diffusion": "train", "reid": "train_reid",
-            "classifier": "train_classifier", "selection": "select", "audit": "audit",
-            "evaluate": "evaluate"}
-
 
 def check_inputs(workdir: str) -> None:
   missing = stages.missing_inputs(workdir, "report")
@@ -37,7 +32,7 @@ def run(config, workdir: str, compare: str | None = None, **_) -> dict:
       raise UserError(f"--compare={compare!r} has no {result_file}; run --mode=report there first")
     other = (io_utils.read_json(path), compare)
   r = results_page.collect(workdir, {section: stages.stage(mode).result_path
-                                     for section, mode in SECTIONS.items()})
+                                     for section, mode in results_page.SECTIONS.items()})
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, results_page.SUBDIR), exist_ok=True)
     fig = lambda name: os.path.join(workdir, results_page.FIG[name])
