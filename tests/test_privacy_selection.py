@@ -391,3 +391,16 @@ def test_anonymous_conditions_are_the_mean_of_k_other_patients_with_the_same_fin
         seen.add(patients[j])
     mean = cond[picked[:k]].astype(np.float64).mean(axis=0)
     T.assert_close(ours[i], mean / np.linalg.norm(mean), T.reduction_rtol(k * dim))
+
+
+def test_cond_k_is_refused_before_any_work_without_feature_conditions():
+  from pso_jax.stages import checks
+  config = load_config("tiny")
+  config.select.cond_k = 2
+  checks.check_config(config, ["select"])
+  config.model.cond = "class"
+  with pytest.raises(UserError, match="cond_k=2 averages feature conditions"):
+    checks.check_config(config, ["select"])
+  config.model.cond, config.select.cond_k = "pseudo", -1
+  with pytest.raises(UserError, match="cond_k=-1 must be an integer >= 0"):
+    checks.check_config(config, ["select"])

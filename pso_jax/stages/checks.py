@@ -241,6 +241,10 @@ def check_select(config) -> None:
   selection.SelectionRule.from_config(config)
   count(config, "select.chunk_images")
   number(config, "select.guidance_floor", 0)
+  count(config, "select.cond_k", low=0)
+  require(int(config.select.cond_k) == 0 or config.model.cond == "pseudo",
+          f"config.select.cond_k={config.select.cond_k} averages feature conditions, but "
+          f"config.model.cond={config.model.cond!r} has none; set --config.select.cond_k=0")
   _sampling(config, guided=_select_guided(config))
 
 
