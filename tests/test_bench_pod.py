@@ -278,7 +278,6 @@ def test_audit_plan_and_kernel_label():
   assert pairwise.topk_plan(100_000, 1_000_000, 1024, 16384, 4, False, tpu)[0] == 1000
   qb, rb, rows = pairwise.topk_plan(100_000, 1_000_000, 1024, 16384, 128, True, tpu)
   assert (qb, rb, rows) == (784, 16384, 128 * 16384)  # ring: 62 blocks padded to one per chip
-  row = dict(kernel="tpu", kernel_params=dict(chunk=16, strided=True, block_dtype="bfloat16",
-                                             two_stage=True))
-  assert pod._kernel_label(row) == "tpu: two-stage, chunks of 16, bf16 maxima"
-  assert pod._kernel_label({}) == "cpu: strided chunks of 16, fp32 block"  # rows before kernels
+  row = dict(kernel="tpu", kernel_params=dict(chunk=16, two_stage=True, index_bits=10))
+  assert pod._kernel_label(row) == "tpu: two-stage, chunks of 16"
+  assert pod._kernel_label({}) == "cpu: one-stage, chunks of 16"  # rows from before the kernels

@@ -275,8 +275,8 @@ def compile_audit(devices, n: int, m: int, d: int, k: int, dtype: str, ring: boo
   kk = min(k + pairwise._margin(k, dtype), m)  # as knn(): candidates kept per query
   kern = pairwise.resolve_kernel(kernel, mesh, ring)
   kernel = kernel if kernel != "auto" else next(k for k, v in pairwise.KERNELS.items() if v == kern)
-  if dtype == "float32":  # as knn(): an fp32 search keeps fp32 similarities
-    kern = dataclasses.replace(kern, block_dtype="float32")
+  if dtype == "float32":  # as knn(): an fp32 search keeps exact fp32 similarities
+    kern = pairwise.Kernel(kern.chunk)
   qb, rb, n_rows = pairwise.topk_plan(n, m, query_block, ref_block, n_dev, ring, kern)
   n_pad = -(-n // (n_dev * qb)) * n_dev * qb  # as _run_engine pads the queries
   host = jax.numpy.bfloat16 if dtype == "bfloat16" else jax.numpy.float32
@@ -296,7 +296,7 @@ def compile_audit(devices, n: int, m: int, d: int, k: int, dtype: str, ring: boo
               refs_bytes_per_chip=_shard_bytes(args[1]), queries_bytes_per_chip=_shard_bytes(args[0]),
               block_bytes=dict(query_block=qb * d * np.dtype(host).itemsize,
                                ref_block=rb * d * np.dtype(host).itemsize,
-                               similarity_block=qb * rb * np.dtype(pairwise.DTYPES[kern.block_dtype]).itemsize),
+                               similarity_block=qb * rb * 4),
               compile_s=time.perf_counter() - start, compile_cpu_s=time.process_time() - cpu0)
   return compiled, info
 
@@ -549,7 +549,7 @@ def sweep(args) -> None:
       ([] if args.audit_only else [dict(c, kind="train") for c in SWEEP])
   while cases:
     case = cases.pop(0)
-    kernel = args.audit_kernel if args.audit_kernel != "auto" else ("tpu_ring" if case.get("ring") else "tpu")
+    kernel = args.audit_kernel if args.audit_kernel != "auto" else ("cpu" if case.get("ring") else "tpu")
     key = (("audit", case["topology"], case["ring"], kernel) if case["kind"] == "audit" else
            ("train", case["topology"], case["preset"], case["batch"], case["fsdp"], case["grad_accum"]))
     if key in done:
@@ -600,12 +600,11 @@ def reanalysed(row: dict) -> dict:
 
 def _kernel_label(row: dict) -> str:
   """An audit row's kernel: its name, and what it chose (chunking, the block's storage dtype)."""
-  k = row.get("kernel_params") or dict(chunk=16, strided=True, block_dtype="float32")
-  dtype = "bf16" if k["block_dtype"] == "bfloat16" else "fp32"
+  k = row.get("kernel_params") or dict(chunk=16)
+  name = row.get("kernel", "cpu")
   if k.get("two_stage"):
-    return f"{row.get('kernel', 'cpu')}: two-stage, chunks of {k['chunk']}, {dtype} maxima"
-  return (f"{row.get('kernel', 'cpu')}: {'strided' if k['strided'] else 'contiguous'} chunks of "
-          f"{k['chunk']}, {dtype} block")
+    return f"{name}: two-stage, chunks of {k['chunk']}"
+  return f"{name}: one-stage, chunks of {k['chunk']}"
 
 
 def table(path: str) -> str:
@@ -696,8 +695,9 @@ def parse(argv):
   p.add_argument("--query_block", type=int, default=1024, help="audit: as config.audit.query_block")
   p.add_argument("--ref_block", type=int, default=16384, help="audit: as config.audit.ref_block")
   p.add_argument("--audit_kernel", default="auto", help="audit: a search.pairwise.KERNELS name "
-                 "(tpu: two-stage, the GEMM reduced to chunk maxima in its output fusion; tpu_ring: "
-                 "bf16 similarity block; cpu: the CPU's fp32 block), or auto (the TPU's)")
+                 "(tpu: two-stage, the GEMM reduced to chunk maxima in its output fusion; cpu: "
+                 "the similarity block stored, then its top-k), or auto (as knn picks on a TPU: tpu "
+                 "with replicated references, cpu with ring)")
   p.add_argument("--sweep", action="store_true", help="run the cases of docs/pod_scale.md (train; "
                  "with --audit also the audit's), each in a fresh process, into --out")
   p.add_argument("--audit_only", action="store_true", help="with --sweep --audit: only the audit cases")

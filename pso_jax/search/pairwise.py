@@ -44,36 +44,35 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-  """How the device search reduces a similarity block to its top-kk (every choice stays exact:
-  the certificate's eps covers the block's storage dtype).
+  """How the device search reduces a similarity block to its top-kk. Every kernel gives the same
+  exact answer: the certificate's eps covers what a kernel rounds (`rounding`).
 
-  chunk: columns per chunk of the chunk-maximum top-k (`_block_topk`).
-  strided: chunk c holds columns c, c + nc, c + 2 nc, ...: on a CPU the maxima are one
-    elementwise max over contiguous slices. On a TPU the chunks' gather then needs the block
-    transposed: a copy of the whole block (read + write) that the contiguous chunks avoid.
-  block_dtype: the similarity block as stored between the GEMM and the top-k, for bf16 searches
-    (an fp32 search keeps fp32). bfloat16 halves the block's HBM traffic (on a TPU the rounding
-    is fused into the GEMM's output); its rounding (2^-8 relative) joins eps, so a few more
-    queries fall back to the fp32 search.
-  two_stage: the block is never stored: the GEMM's output is reduced at once to its (strided)
-    chunk maxima (on a TPU, inside the GEMM's output fusion), a running top-kk of chunks is kept
-    over the references, and then the references of each query's kk chunks are gathered and
-    scored again (`_stage2`). The top-kk of those chunks' rows is exact up to eps; every
-    reference outside them is at most the kk-th chunk maximum, a bound the certificate takes
-    (`outside`).
+  chunk: rows per chunk of the chunk-maximum top-k (`_block_topk`): chunk n of a block holds its
+    rows n, n + nc, ..., so the maxima are one elementwise max over `chunk` contiguous slices.
+  two_stage: the block is never stored: the GEMM's output is reduced at once to its chunk maxima
+    (on a TPU, inside the GEMM's output fusion), a running top-kk of chunks is kept over the
+    references, and then the references of each query's kk chunks are gathered and scored again
+    (`_stage2`). The top-kk of those chunks' rows is exact up to eps; every reference outside
+    them is at most the kk-th chunk maximum, a bound the certificate takes (`outside`).
+  index_bits: (two-stage) the chunk maxima are sorted as int32 keys, the value's leading
+    32 - index_bits bits (rounded down: 2^-(23 - index_bits) relative, or 2^(index_bits - 149)
+    below -0) and the chunk in the rest (`_topk_packed`), for blocks of at most 2^index_bits
+    chunks.
   """
   chunk: int = 16
-  strided: bool = True
-  block_dtype: str = "float32"
   two_stage: bool = False
+  index_bits: int = 10
+
+  @property
+  def rounding(self) -> float:
+    """Relative error of the similarities the kernel stores (beyond the GEMM's own)."""
+    return 2.0 ** -(23 - self.index_bits) if self.two_stage else 0.0
 
 
-# "cpu": the CPU's fastest; "tpu", "tpu_ring": what the programs compiled for TPU slices say
-# moves the fewest HBM bytes with replicated and with ring-rotated references (docs/pod_scale.md:
-# the two-stage kernel's gathers would run once per ring step); "auto" picks by platform and ring
-KERNELS = {"cpu": Kernel(),
-           "tpu": Kernel(chunk=16, block_dtype="bfloat16", two_stage=True),
-           "tpu_ring": Kernel(chunk=16, block_dtype="bfloat16")}
+# "cpu": the CPU's fastest; "tpu": what the programs compiled for TPU slices say moves the fewest
+# HBM bytes with replicated references (docs/pod_scale.md); with ring-rotated references its
+# gathers would run once per ring step, so "auto" takes it on a TPU without ring only
+KERNELS = {"cpu": Kernel(), "tpu": Kernel(two_stage=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,45 +122,36 @@ def _norms(x: np.ndarray, dtype=np.float32) -> np.ndarray:
   return np.sqrt(sq * (1 + 2 * (x.shape[1] + 2) * 2.0 ** -24))
 
 
-def _eps_coeff(dtype: str, d: int, block_dtype: str = "float32") -> float:
+def _eps_coeff(dtype: str, d: int, rounding: float = 0.0) -> float:
   """|approximate - exact| <= coeff * |q| * |r| for one block GEMM of depth d, fp32 accumulate,
-  its result stored in block_dtype."""
+  its result then stored with a relative error of at most `rounding` (Kernel.rounding)."""
   coeff = 2 * (d + 2) * 2.0 ** -24
   if dtype == "bfloat16":
     coeff += 2 * 2.0 ** -8 + 2.0 ** -16   # two inputs rounded to 8 significant bits
-  if block_dtype == "bfloat16":
-    coeff += 2.0 ** -8 * (1 + coeff)      # the result rounded to 8 significant bits
-  return coeff
+  return coeff + rounding * (1 + coeff)
 
 
 # ----------------------------------------------------------------------------- device kernels
 
-def _block_topk(s, kk: int, chunk: int = _CHUNK, strided: bool = True):
+def _block_topk(s, kk: int, chunk: int = _CHUNK):
   """Exact top-kk of each row of s [qb, rb] (values; columns), by a hierarchy of chunk maxima.
 
-  Split a row's columns into groups ("chunks": strided, chunk c holds columns c, c + nc,
-  c + 2 nc, ..., so the maxima are one elementwise max over `chunk` contiguous slices; or
-  contiguous, chunk c holds columns c chunk ... c chunk + chunk - 1). The kk largest values lie in
-  the kk chunks with the largest maxima (a value outside them is at most kk chunk maxima, each a
-  distinct element of its own chunk), so one max pass over s leaves rb/chunk maxima, whose
-  top-kk chunks are found the same way, recursively; each level then costs a top-k over kk*chunk
-  values. A CPU top-k (a partial sort per row, one thread) over the whole row would cost more
-  than the block GEMM."""
+  Split a row's columns into groups ("chunks"; here strided: chunk c holds columns c, c + nc,
+  c + 2 nc, ..., so the maxima are one elementwise max over `chunk` contiguous slices). The kk
+  largest values lie in the kk chunks with the largest maxima (a value outside them is at most kk
+  chunk maxima, each a distinct element of its own chunk), so one max pass over s leaves rb/chunk
+  maxima, whose top-kk chunks are found the same way, recursively; each level then costs a top-k
+  over kk*chunk values. A CPU top-k (a partial sort per row, one thread) over the whole row
+  would cost more than the block GEMM."""
   qb, rb = s.shape
   nc = rb // chunk
   if rb % chunk or nc <= 2 * kk:
     return jax.lax.top_k(s, kk)
-  if strided:
-    chunks = s.reshape(qb, chunk, nc)
-    _, ci = _block_topk(chunks.max(1), kk, chunk, strided)
-    cand = jnp.take_along_axis(chunks, ci[:, None, :], axis=2).reshape(qb, chunk * kk)
-    v, j = jax.lax.top_k(cand, kk)
-    return v, jnp.take_along_axis(ci, j % kk, axis=1) + nc * (j // kk)
-  chunks = s.reshape(qb, nc, chunk)
-  _, ci = _block_topk(chunks.max(2), kk, chunk, strided)
-  cand = jnp.take_along_axis(chunks, ci[:, :, None], axis=1).reshape(qb, kk * chunk)
+  chunks = s.reshape(qb, chunk, nc)
+  _, ci = _block_topk(chunks.max(1), kk, chunk)
+  cand = jnp.take_along_axis(chunks, ci[:, None, :], axis=2).reshape(qb, chunk * kk)
   v, j = jax.lax.top_k(cand, kk)
-  return v, jnp.take_along_axis(ci, j // chunk, axis=1) * chunk + j % chunk
+  return v, jnp.take_along_axis(ci, j % kk, axis=1) + nc * (j // kk)
 
 
 def _topk_reducer(kk: int, kernel: Kernel = Kernel()):
@@ -173,11 +163,10 @@ def _topk_reducer(kk: int, kernel: Kernel = Kernel()):
     return jax.lax.dynamic_slice_in_dim(aux, start, rb)
 
   def update(carry, s, ids, valid):
-    s = s.astype(DTYPES[kernel.block_dtype])
     if valid is not None:  # padding or (clamped last block) columns of the previous block
       s = jnp.where(valid[None, :] & (ids[None, :] >= 0), s, -jnp.inf)
-    v, col = _block_topk(s, kk, kernel.chunk, kernel.strided)
-    v = jnp.concatenate([carry[0], v.astype(jnp.float32)], axis=1)
+    v, col = _block_topk(s, kk, kernel.chunk)
+    v = jnp.concatenate([carry[0], v], axis=1)
     i = jnp.concatenate([carry[1], ids[col]], axis=1)
     v, j = jax.lax.top_k(v, kk)
     return v, jnp.take_along_axis(i, j, axis=1)
@@ -185,23 +174,23 @@ def _topk_reducer(kk: int, kernel: Kernel = Kernel()):
   return init, block_aux, update
 
 
-def _topk_packed(x, k: int):
-  """lax.top_k of a bf16 x [rows, n] (n <= 2^16) as a top-k of int32 keys: the value's bits made
-  order-preserving in the high half, the column in the low half: the TPU's sort moves int32 keys
-  and their positions instead of bf16 values, int32 columns and positions (and no relayout of
-  the columns); ties go to the higher column. Other dtypes: top_k."""
-  if x.dtype != jnp.bfloat16 or x.shape[-1] > 2 ** 16:
-    return jax.lax.top_k(x, k)
+def _topk_packed(x, k: int, index_bits: int):
+  """(values rounded down to their leading 32 - index_bits bits, columns) of the top k of each
+  row of a float32 x [rows, n], n <= 2^index_bits, found as a top-k of int32 keys: the value's
+  bits made order-preserving, its low index_bits bits replaced by the column. The TPU's sort then
+  moves one int32 key (and its position) per element instead of a float, an int32 column and the
+  position, with no relayout of the columns; ties within the rounding go to the higher column."""
   u = np.uint32
-  bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
-  ordered = jnp.where(bits >= u(0x8000), bits ^ u(0xFFFF), bits ^ u(0x8000))  # negative: reversed order
+  sign, low = u(0x80000000), u(2 ** index_bits - 1)
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  ordered = jnp.where(bits >= sign, ~bits, bits | sign)  # as unsigned ints, in the floats' order
   col = jnp.arange(x.shape[-1], dtype=jnp.uint32)
-  keys = jax.lax.bitcast_convert_type(((ordered << u(16)) | col) ^ u(0x80000000), jnp.int32)
+  keys = jax.lax.bitcast_convert_type(((ordered & ~low) | col) ^ sign, jnp.int32)
   top, _ = jax.lax.top_k(keys, k)
-  top = jax.lax.bitcast_convert_type(top, jnp.uint32) ^ u(0x80000000)
-  ordered = top >> u(16)
-  bits = jnp.where(ordered >= u(0x8000), ordered ^ u(0x8000), ordered ^ u(0xFFFF)).astype(jnp.uint16)
-  return jax.lax.bitcast_convert_type(bits, jnp.bfloat16), (top & u(0xFFFF)).astype(jnp.int32)
+  top = jax.lax.bitcast_convert_type(top, jnp.uint32) ^ sign
+  ordered = top & ~low
+  v = jax.lax.bitcast_convert_type(jnp.where(ordered >= sign, ordered & ~sign, ~ordered), jnp.float32)
+  return jnp.where(jnp.isnan(v), -jnp.inf, v), (top & low).astype(jnp.int32)  # -inf: NaN bits
 
 
 def _chunk_reducer(kk: int, kernel: Kernel, rb: int):
@@ -222,11 +211,13 @@ def _chunk_reducer(kk: int, kernel: Kernel, rb: int):
     # drops them; rows met in the previous block (the clamped last block) are masked
     if valid is not None:
       s = jnp.where(valid[:, None], s, -jnp.inf)
-    # the maximum first, then the rounding (monotone, so the same as rounding first): the block
-    # is reduced inside the GEMM's output fusion and never stored
-    maxima = s.reshape(chunk, nc, s.shape[1]).max(0).T.astype(DTYPES[kernel.block_dtype])
-    v, n = _topk_packed(maxima, min(kk, nc))
-    v = jnp.concatenate([carry[0], v.astype(jnp.float32)], axis=1)
+    # the block is reduced inside the GEMM's output fusion and never stored
+    maxima = s.reshape(chunk, nc, s.shape[1]).max(0).T
+    if nc <= 2 ** kernel.index_bits:
+      v, n = _topk_packed(maxima, min(kk, nc), kernel.index_bits)
+    else:
+      v, n = jax.lax.top_k(maxima, min(kk, nc))
+    v = jnp.concatenate([carry[0], v], axis=1)
     ids = jnp.concatenate([carry[1], i * nc + n], axis=1)
     v, j = jax.lax.top_k(v, kk)
     return v, jnp.take_along_axis(ids, j, axis=1)
@@ -254,7 +245,6 @@ def _stage2(q, refs, ids, chunks, carry, kk: int, kernel: Kernel, rb: int, compu
     # gathered rows converted to fp32 first); 8 query rows (7 of zeros) keep it on the MXU
     q8 = jnp.pad(q[:, None, :], ((0, 0), (0, 7), (0, 0)))
     s = jnp.einsum("qed,qkcd->qekc", q8, g, preferred_element_type=jnp.float32)[:, 0]
-    s = s.astype(DTYPES[kernel.block_dtype])
     row_ids = ids[safe]
     # not a padding row, a real chunk, and (clamped block) not a row of the previous block
     keep = ((row_ids >= 0) & (rows >= (block * rb)[:, :, None])
@@ -543,7 +533,7 @@ def _certified_topk(queries, refs, k, kk, opts: _Options, stats: dict, tau=None)
   kk = min(kk, len(refs))
   rmax, qnorm = opts.rmax, opts.qnorm
   approx, idx, outside = _candidates(queries, refs, kk, opts)
-  eps = _eps_coeff(opts.dtype, d, opts.kernel.block_dtype) * qnorm * rmax
+  eps = _eps_coeff(opts.dtype, d, opts.kernel.rounding) * qnorm * rmax
   stats.update(n=n, m=len(refs), d=d, dtype=opts.dtype, candidates=kk)
 
   def uncertified(approx, outside, eps):
@@ -554,10 +544,9 @@ def _certified_topk(queries, refs, k, kk, opts: _Options, stats: dict, tau=None)
   todo = np.nonzero(uncertified(approx, outside, eps))[0]
   stats["refined_fp32"] = int(len(todo)) if opts.dtype != "float32" else 0
   if len(todo) and opts.dtype != "float32":
-    sub = dataclasses.replace(opts, dtype="float32",
-                              kernel=dataclasses.replace(opts.kernel, block_dtype="float32"))
+    sub = dataclasses.replace(opts, dtype="float32", kernel=Kernel(opts.kernel.chunk))
     a2, i2, o2 = _candidates(queries[todo], refs, kk, sub)
-    eps2 = _eps_coeff("float32", d) * qnorm[todo] * rmax
+    eps2 = _eps_coeff("float32", d, sub.kernel.rounding) * qnorm[todo] * rmax
     approx[todo], idx[todo], outside[todo], eps[todo] = a2, i2, o2, eps2
     todo = todo[uncertified(a2, o2, eps2)]
   stats["refined_float64"] = int(len(todo))
@@ -574,10 +563,10 @@ def _certified_topk(queries, refs, k, kk, opts: _Options, stats: dict, tau=None)
 
 
 def resolve_kernel(kernel: str, mesh, ring: bool) -> Kernel:
-  """KERNELS[kernel]; "auto": the TPU's (for ring or replicated references) on a TPU mesh, the
-  CPU's otherwise."""
+  """KERNELS[kernel]; "auto": the TPU's on a TPU mesh with replicated references, the CPU's
+  otherwise."""
   if kernel == "auto":
-    kernel = ("tpu_ring" if ring else "tpu") if mesh.devices.flat[0].platform == "tpu" else "cpu"
+    kernel = "tpu" if mesh.devices.flat[0].platform == "tpu" and not ring else "cpu"
   if kernel not in KERNELS:
     raise UserError(f"kernel {kernel!r} is not known; use auto or one of {sorted(KERNELS)}")
   return KERNELS[kernel]
@@ -588,8 +577,8 @@ def _resolve(queries, refs, query_block, ref_block, dtype, mesh, ring, kernel):
     raise UserError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}")
   mesh = mesh if mesh is not None else parallel.data_mesh()
   kernel = resolve_kernel(kernel, mesh, ring)
-  if dtype == "float32":  # an fp32 search keeps fp32 similarities (its margin is for their errors)
-    kernel = dataclasses.replace(kernel, block_dtype="float32")
+  if dtype == "float32":  # an fp32 search keeps exact fp32 similarities (its margin is for them)
+    kernel = Kernel(kernel.chunk)
   queries, qnorm = _checked("queries", queries)
   refs, rnorm = _checked("references", refs, queries.shape[1])
   return queries, refs, _Options(int(query_block), int(ref_block), dtype, mesh, bool(ring),
