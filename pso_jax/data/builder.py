@@ -1,4 +1,4 @@
-"""The prepared dataset as a tensorflow_datasets builder writing ArrayRecord (no TensorFlow).
+"""The prepared dataset as ArrayRecord files in tensorflow_datasets' layout (no TensorFlow).
 
 Records: `image` uint8 [H, W, C] (stored raw or as PNG: config.data.image_codec), `labels` float32
 [8], `patient_id`, `path`, `split` (text), `index` int64 (position in the split), `feature` float32
@@ -7,9 +7,7 @@ so a record's position is its index and the order is the split filelist's. Reade
 with `tfds.builder_from_directory` (`open_split`), so they need no builder class, only the files.
 """
 
-import contextlib
 import dataclasses
-import io
 import os
 from typing import Callable, Iterator
 
@@ -43,48 +41,56 @@ class RecordSpec:
     return tfds.features.FeaturesDict(spec)
 
 
-class PreparedCxr(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Writes the splits given as record iterators; `prepare` builds it inside a staging folder."""
-  name = NAME
-  VERSION = tfds.core.Version(VERSION)
+SHARD_BYTES = 256 << 20  # serialized bytes per ArrayRecord file: a new file starts past this
+_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"  # tfds's file names
 
-  # tfds looks for a checksums file beside the builder's code through `importlib_resources`,
-  # which is not installed (it is not needed: nothing is downloaded)
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):
-    return None
 
-  def __init__(self, *, spec: RecordSpec, examples: dict[str, Callable[[], Iterator[dict]]],
-               data_dir: str):
-    self._spec = spec
-    self._examples = examples
-    super().__init__(data_dir=data_dir, file_format="array_record")
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self, description="pso_jax prepared chest radiographs",
-        features=self._spec.features(), disable_shuffling=True)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {split: self._generate_examples(split) for split in self._examples}
-
-  def _generate_examples(self, split):
-    for record in self._examples[split]():
-      yield int(record["index"]), record
+def _write_split(folder: str, features, split: str, records: Iterator[dict]) -> tfds.core.SplitInfo:
+  """Streams one split's records into ArrayRecord files of about SHARD_BYTES each (under
+  temporary names, renamed once their number is known): memory holds one record at a time."""
+  from array_record.python import array_record_module
+  parts, lengths, sizes, writer = [], [], [], None
+  for record in records:
+    data = features.serialize_example(record)
+    if writer is None or sizes[-1] >= SHARD_BYTES:
+      if writer is not None:
+        writer.close()
+      parts.append(os.path.join(folder, f".{split}.part{len(parts)}"))
+      writer = array_record_module.ArrayRecordWriter(parts[-1], "group_size:1")  # random access
+      lengths.append(0)
+      sizes.append(0)
+    writer.write(data)
+    lengths[-1] += 1
+    sizes[-1] += len(data)
+  if writer is None:
+    raise ValueError(f"split {split!r} has no records (tfds cannot describe an empty split)")
+  writer.close()
+  for i, part in enumerate(parts):
+    os.replace(part, os.path.join(folder, f"{NAME}-{split}.array_record-{i:05d}-of-{len(parts):05d}"))
+  template = tfds.core.ShardedFileTemplate(data_dir=folder, template=_TEMPLATE, dataset_name=NAME,
+                                           split=split, filetype_suffix="array_record")
+  return tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=sum(sizes),
+                             filename_template=template)
 
 
 def write(data_dir: str, spec: RecordSpec, examples: dict[str, Callable[[], Iterator[dict]]],
-          scratch_dir: str) -> str:
-  """Builds the ArrayRecord splits under data_dir (tfds scratch files in scratch_dir); returns
-  the builder folder."""
-  tfds.disable_progress_bar()  # prepare shows its own bar
-  builder = PreparedCxr(spec=spec, examples=examples, data_dir=data_dir)
-  with contextlib.redirect_stdout(io.StringIO()):  # tfds prints "Downloading and preparing..."
-    builder.download_and_prepare(
-        download_dir=scratch_dir, download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return str(builder.data_dir)
+          scratch_dir: str | None = None) -> str:
+  """Writes the splits (record iterators, in record order) as ArrayRecord files under data_dir in
+  tfds's layout, so `tfds.builder_from_directory` opens them; returns the builder folder.
+
+  Each record is serialized and written as it comes: memory does not grow with the split. (tfds's
+  own builder collects a split in memory before writing it: with shuffling disabled every record
+  lands in one bucket of its shuffler, read back whole, a split's bytes at once.) scratch_dir is
+  unused (kept for callers)."""
+  del scratch_dir
+  folder = builder_dir(data_dir)
+  os.makedirs(folder, exist_ok=True)
+  features = spec.features()
+  infos = [_write_split(folder, features, split, make()) for split, make in examples.items()]
+  tfds.folder_dataset.write_metadata(
+      data_dir=folder, features=features, split_infos=infos, version=VERSION, check_data=False,
+      description="pso_jax prepared chest radiographs", disable_shuffling=True)
+  return folder
 
 
 def builder_dir(data_dir: str) -> str:
