@@ -56,10 +56,11 @@ def make_pairs(patients, max_pairs: int, seed: int = 0):
   else every same-patient pair plus uniformly drawn different-patient pairs up to `max_pairs`."""
   patients = np.asarray(patients)
   n = len(patients)
+  # compared as int codes: string ids gathered for up to max_pairs pairs would take 2 x 32 B each
+  _, inverse = np.unique(patients, return_inverse=True)
   if n * (n - 1) // 2 <= max_pairs:
     i, j = np.triu_indices(n, 1)
   else:
-    _, inverse = np.unique(patients, return_inverse=True)
     order = np.argsort(inverse, kind="stable")
     bounds = np.flatnonzero(np.r_[True, inverse[order][1:] != inverse[order][:-1], True])
     pos_i, pos_j = [], []
@@ -75,7 +76,7 @@ def make_pairs(patients, max_pairs: int, seed: int = 0):
     neg = np.unique(np.stack([np.minimum(a, b)[keep], np.maximum(a, b)[keep]]), axis=1)
     neg = neg[:, rng.permutation(neg.shape[1])[:n_neg]]
     i, j = np.concatenate([pos_i, neg[0]]), np.concatenate([pos_j, neg[1]])
-  return i, j, patients[i] == patients[j]
+  return i, j, inverse[i] == inverse[j]
 
 
 def pair_similarities(embeddings, i, j, chunk: int = 1 << 18) -> np.ndarray:
