@@ -450,7 +450,9 @@ def _print_audit(r: dict) -> None:
   print(f"  compile: {r['compile_s']:.1f} s wall ({r['compile_cpu_s']:.1f} s CPU)")
   print(f"  HBM per chip: references {_gib(r['refs_bytes_per_chip'])}, queries "
         f"{_gib(r['queries_bytes_per_chip'])}, one reference block {b['ref_block'] / 2 ** 20:.1f} MiB, "
-        f"one similarity block {b['similarity_block'] / 2 ** 20:.1f} MiB; compiled: arguments "
+        f"one similarity block {b['similarity_block'] / 2 ** 20:.1f} MiB"
+        f"{' (never stored: two-stage)' if r.get('kernel_params', {}).get('two_stage') else ''}; "
+        f"compiled: arguments "
         f"{_gib(mem['argument'])}, temporaries {_gib(mem['temp'])}, total {_gib(mem['total'])} of "
         f"{_gib(mem['hbm'])} -> {'fits' if mem['fits'] else 'DOES NOT FIT'}")
   f = a["flops"]
