@@ -214,6 +214,13 @@ def test_unselected_releases_are_one_unrejected_sample_per_training_image(resume
     assert 0 < (sims.max(1) >= tau).mean() < 1  # a threshold that tells images apart
     assert r["first_round_rejection_rate"] == pytest.approx((sims.max(1) >= tau).mean(), abs=1 / n)
     assert r["memorisation_1to1"] == pytest.approx((np.diag(sims) >= tau).mean(), abs=1 / n)
+    # image by image: the records score the released image against its own source and all others
+    with open(os.path.join(wd, release.SUBDIR, "selection.jsonl"), encoding="utf-8") as f:
+      records = [json.loads(line) for line in f]
+    assert [x["index"] for x in records] == list(range(n))
+    assert {x["outcome"] for x in records} <= {"kept", "rejected"}  # one candidate each
+    np.testing.assert_allclose([x["self_sim"] for x in records], np.diag(sims), atol=1e-5)
+    np.testing.assert_allclose([x["nearest_sim"] for x in records], sims.max(1), atol=1e-5)
 
 
 @pytest.mark.parametrize("run", ["full", "resumed"])

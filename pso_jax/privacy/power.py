@@ -55,10 +55,14 @@ def unselected_release(config, workdir: str, train: dict) -> np.ndarray:
   """The workdir's generator with selection off: one sample per training image, conditioned as
   selection conditions its first round, released whatever a re-id model says of it."""
   from pso_jax.diffusion import sampling
+  from pso_jax.privacy import selection_workdir
   guidance = float(config.sample.guidance)
   loaded = sampling.load_sampler(config, workdir, stream=UNSELECTED_STREAM, guided=guidance != 1)
   n = len(train["labels"])
-  return loaded.generate(np.arange(n, dtype=np.uint32), sampling.conditions_for(config, train),
+  # config.select.cond_k > 0: the k-anonymous conditions selection samples with
+  patients = np.unique(np.asarray(train["patient_id"]).astype(str), return_inverse=True)[1]
+  return loaded.generate(np.arange(n, dtype=np.uint32),
+                         selection_workdir.release_conditions(config, train, patients),
                          np.full(n, guidance, np.float32))
 
 

@@ -41,7 +41,10 @@ def _main_table(result: dict) -> str:
                                                          real.get("real_mean_auroc_ci")),
                "0", html.fmt(real.get("frechet_distance_real"), 4),
                html.fmt(real.get("image_retrieval_score_real")), "", "", "", "", ""])
-  return html.table(
+  spaces = sorted({str(r["diversity_space"]) for r in result["rows"]})
+  note = (f"<p class='muted'>Fréchet distance and image retrieval score measured in: "
+          f"{html.esc(', '.join(spaces))}.</p>" if spaces else "")
+  return note + html.table(
       ["method", "release", "images", "mean AUROC [95% CI]", "gap to real [95% CI]",
        "Fréchet distance", "image retrieval score", "first-round rejection", "1:1 memorisation",
        "audit verdict (independent attackers)", "DCR share / control", "wall s"], rows, left_cols=2)
@@ -114,7 +117,9 @@ def write_figures(workdir: str, result: dict, findings, released: dict) -> None:
       "share linked to a training patient by the re-id model (first-round rejection)",
       "mean AUROC on real test (classifier trained on the release)",
       None if real is None else ("trained on real", real))
-  series = {_label(r): [r["per_class"][f]["auroc"] for f in findings] for r in rows}
+  # the selected releases only (the table has every row): ten series would hide the bars
+  series = {r["title"]: [r["per_class"][f]["auroc"] for f in findings] for r in rows
+            if r["release"] == "selected"}
   if rows:
     series["real training data"] = [rows[0]["per_class"][f]["real"] for f in findings]
   figures.auroc_bars(list(findings), series, path("per_class"))
@@ -148,7 +153,8 @@ def render(result: dict, findings) -> str:
       + html.figure(FIG["tradeoff"], "utility against leakage: circles selected, squares "
                                      "unselected releases")))
   body += html.section("Per-finding AUROC [95% CI] and gap to real",
-                       html.figure(FIG["per_class"], "per-finding AUROC on the real test set")
+                       html.figure(FIG["per_class"], "per-finding AUROC on the real test set, "
+                                   "selected releases")
                        + _per_class_table(result, findings))
   if result.get("sweep"):
     body += html.section("Guidance sweep", _sweep_section(result["sweep"]))

@@ -60,6 +60,7 @@ class Method:
 
 
 _REFERENCE = (("regulariser.enabled", False),  # no condition dropout, jitter or k-anonymity
+              ("select.cond_k", 0),            # candidates conditioned on their own image
               ("sample.ema_std", 0.0))         # the reference sampled the raw weights
 _SEPARATE = (("sample.guide", "separate"), ("sample.guidance", REFERENCE_GUIDANCE))
 
@@ -326,7 +327,7 @@ COLUMNS = ("method", "title", "release", "workdir", "released",
            "mean_auroc", "mean_auroc_ci", "real_mean_auroc", "real_mean_auroc_ci",
            "auroc_gap", "auroc_gap_ci", "within_one_point", "per_class",
            "frechet_distance", "frechet_distance_real", "image_retrieval_score",
-           "image_retrieval_score_real", "first_round_rejection_rate", "memorisation_1to1",
+           "image_retrieval_score_real", "diversity_space", "first_round_rejection_rate", "memorisation_1to1",
            "audit_verdict", "audit_decided_by", "dcr_share", "dcr_control_share",
            "pso_attack", "pso_control", "timings", "seconds")
 
@@ -369,6 +370,7 @@ def release_row(results: dict, method: Method, kind: str, rel_workdir: str) -> d
       "per_class": per_class(_dig(results, "evaluate", "utility") or {}),
       "frechet_distance": h["frechet_synthetic_train"], "frechet_distance_real": h["frechet_real_train"],
       "image_retrieval_score": h["irs_synthetic"], "image_retrieval_score_real": h["irs_real"],
+      "diversity_space": h.get("diversity_space"),  # where the two above were measured
       "first_round_rejection_rate": h["first_round_rejection_rate"],
       "memorisation_1to1": h["memorisation_1to1_before_selection"],
       "audit_verdict": h["pso_verdict"], "audit_decided_by": h["audit_decided_by"],

@@ -33,6 +33,14 @@ def _sub_run(run_modes, config, workdir: str, modes) -> None:
     run_modes(config, workdir, todo)
 
 
+def _link(workdir: str, target: str, attacker, diffusion_of=None) -> None:
+  """The shared folders linked into `target` by process 0, seen by every process."""
+  comparison.link_shared(workdir, target, attacker, diffusion_of)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"pso_jax.compare:{target}")
+
+
 def _timed(record_timing, workdir: str, name: str, work):
   start = time.time()
   out = work()
@@ -61,7 +69,7 @@ def _shared_attacker(config, shared: str, record_timing):
   return model_dir
 
 
-def _collect(workdir: str, release_workdir: str) -> dict:
+def _collect(release_workdir: str) -> dict:
   return results_page.collect(release_workdir, {
       section: stages.stage(mode).result_path for section, mode in results_page.SECTIONS.items()})
 
@@ -82,16 +90,16 @@ def run(config, workdir: str, *, run_modes=None, record_timing=None, **_) -> dic
   for m in methods:
     cfg = comparison.method_config(config, m, workdir)
     wd = comparison.method_dir(workdir, m.name)
-    comparison.link_shared(workdir, wd, attacker)
+    _link(workdir, wd, attacker)
     _sub_run(run_modes, cfg, wd, comparison.METHOD_MODES)
-    rows.append(comparison.release_row(_collect(workdir, wd), m, "selected", rel(wd)))
+    rows.append(comparison.release_row(_collect(wd), m, "selected", rel(wd)))
     shown[f"{m.name} (selected)"] = wd
     dirs = {"selected": rel(wd)}
     if config.compare.unselected:
       uwd = comparison.unselected_dir(workdir, m.name)
       _release_unselected(record_timing, cfg, workdir, uwd, wd, attacker)
       _sub_run(run_modes, cfg, uwd, comparison.UNSELECTED_MODES)
-      rows.append(comparison.release_row(_collect(workdir, uwd), m, "unselected", rel(uwd)))
+      rows.append(comparison.release_row(_collect(uwd), m, "unselected", rel(uwd)))
       shown[f"{m.name} (unselected)"] = uwd
       dirs["unselected"] = rel(uwd)
     listed.append({"name": m.name, "title": m.title, "what": m.what,
@@ -106,10 +114,10 @@ def run(config, workdir: str, *, run_modes=None, record_timing=None, **_) -> dic
       pwd = comparison.sweep_dir(workdir, swept.name, g)
       _release_unselected(record_timing, cfg, workdir, pwd, method_wd, attacker)
       _sub_run(run_modes, cfg, pwd, comparison.SWEEP_MODES)
-      points.append(comparison.sweep_point(_collect(workdir, pwd), g, rel(pwd)))
+      points.append(comparison.sweep_point(_collect(pwd), g, rel(pwd)))
     sweep = {"method": swept.name, "title": swept.title, "selection": False, "points": points}
 
-  shared_results = _collect(workdir, shared)
+  shared_results = _collect(shared)
   result = {
       "workdir": os.path.abspath(workdir), "variant": config.variant,
       "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -133,7 +141,7 @@ def _release_unselected(record_timing, config, workdir: str, release_dir: str,
                         generator_dir: str, attacker) -> None:
   """release_dir: the shared folders and generator_dir's model linked in, then its release
   without selection (once)."""
-  comparison.link_shared(workdir, release_dir, attacker, diffusion_of=generator_dir)
+  _link(workdir, release_dir, attacker, diffusion_of=generator_dir)
   workdir_lib.check_workdir(release_dir, config)
   if stages.done(release_dir, "select") is None:
     summary = _timed(record_timing, release_dir, comparison.UNSELECTED_TIMING,
