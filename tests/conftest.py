@@ -52,6 +52,20 @@ def tiny_config():
   return load_config("tiny")
 
 
+def save_tiny_sd_vae(folder: str):
+  """A diffusers AutoencoderKL of SD's layout at toy width (8 channels, 4 latent channels, its
+  seeded init), saved to `folder` as prepare's `latent.vae_dir` expects. Returns the torch model."""
+  import diffusers
+  import torch
+  torch.manual_seed(0)
+  vae = diffusers.AutoencoderKL(
+      block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+      up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+      latent_channels=4, sample_size=16)
+  vae.save_pretrained(folder)
+  return vae
+
+
 @pytest.fixture(scope="session")
 def reference_filelists():
   path = os.path.join(SHARED, "data", "reference_filelists")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import tolerances as T
-from conftest import load_config
+from conftest import load_config, save_tiny_sd_vae
 from pso_jax.data import dataset, latents
 from pso_jax.errors import UserError
 from pso_jax.models import sd_vae
@@ -91,12 +91,7 @@ def test_sd_vae_records_are_normalised_by_the_dataset_stats(tmp_path):
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   from pso_jax.data import vae_latents
-  torch.manual_seed(0)
-  vae = diffusers.AutoencoderKL(
-      block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-      up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-      latent_channels=4, sample_size=16)
-  vae.save_pretrained(str(tmp_path / "vae"))
+  vae = save_tiny_sd_vae(str(tmp_path / "vae"))
   config = _tiny()
   config.data.latent.kind, config.data.latent.vae_dir = "sd_vae", str(tmp_path / "vae")
   config.data.prepare_chunk = 8

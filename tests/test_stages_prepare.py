@@ -10,7 +10,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 
 import tolerances as T
-from conftest import load_config
+from conftest import load_config, save_tiny_sd_vae
 from pso_jax.data import dataset, features, images, latents, phantom, prepare_plan
 from pso_jax.models import sd_vae
 from pso_jax.stages import prepare
@@ -315,12 +315,7 @@ def test_sd_vae_latents_stored_per_record(tmp_path):
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   from pso_jax.data import vae_latents
-  torch.manual_seed(0)
-  vae = diffusers.AutoencoderKL(
-      block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-      up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-      latent_channels=4, sample_size=16)
-  vae.save_pretrained(str(tmp_path / "vae"))
+  vae = save_tiny_sd_vae(str(tmp_path / "vae"))
   config = load_config("tiny")
   config.data.latent.kind = "sd_vae"
   config.data.latent.vae_dir = str(tmp_path / "vae")

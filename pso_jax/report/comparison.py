@@ -32,6 +32,7 @@ import numpy as np
 
 from pso_jax import io_utils
 from pso_jax.errors import UserError, require
+from pso_jax.report.results_page import dig
 
 SHARED, METHODS_DIR, UNSELECTED_DIR, SWEEP_DIR = "shared", "methods", "unselected", "sweep"
 RESULT_FILE, PAGE_FILE, FIG_DIR = "compare.json", "compare.html", "compare"
@@ -332,21 +333,13 @@ COLUMNS = ("method", "title", "release", "workdir", "released",
            "pso_attack", "pso_control", "timings", "seconds")
 
 
-def _dig(d, *keys):
-  for k in keys:
-    if not isinstance(d, dict) or k not in d:
-      return None
-    d = d[k]
-  return d
-
-
 def per_class(utility: dict) -> dict:
   """finding -> synthetic and real AUROC with CIs and the point gap (the paired bootstrap's CI is
   the mean's; per finding the gap is the difference of the two AUROCs)."""
   out = {}
   for f in utility.get("findings", []):
-    syn = _dig(utility, "models", "synthetic", "per_class", f) or {}
-    real = _dig(utility, "models", "real", "per_class", f) or {}
+    syn = dig(utility, "models", "synthetic", "per_class", f) or {}
+    real = dig(utility, "models", "real", "per_class", f) or {}
     a, b = syn.get("auroc"), real.get("auroc")
     defined = isinstance(a, float) and isinstance(b, float)
     out[f] = {"auroc": a if defined else None, "ci": syn.get("ci"),
@@ -367,7 +360,7 @@ def release_row(results: dict, method: Method, kind: str, rel_workdir: str) -> d
       "real_mean_auroc": h["real_mean_auroc"], "real_mean_auroc_ci": h["real_mean_auroc_ci"],
       "auroc_gap": h["auroc_gap"], "auroc_gap_ci": h["auroc_gap_ci"],
       "within_one_point": h["within_one_point"],
-      "per_class": per_class(_dig(results, "evaluate", "utility") or {}),
+      "per_class": per_class(dig(results, "evaluate", "utility") or {}),
       "frechet_distance": h["frechet_synthetic_train"], "frechet_distance_real": h["frechet_real_train"],
       "image_retrieval_score": h["irs_synthetic"], "image_retrieval_score_real": h["irs_real"],
       "diversity_space": h.get("diversity_space"),  # where the two above were measured

@@ -33,7 +33,8 @@ def _jsonl(path):
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _dig(d, *keys):
+def dig(d, *keys):
+  """d[k0][k1]... or None where a key (or a dict on the way) is missing."""
   for k in keys:
     if not isinstance(d, dict) or k not in d:
       return None
@@ -51,36 +52,36 @@ def timings(workdir: str) -> dict:
 
 def headline(r: dict) -> dict:
   """The numbers a reader compares across runs, flat and JSON-ready."""
-  util = _dig(r, "evaluate", "utility") or {}
-  real, syn = _dig(util, "models", "real") or {}, _dig(util, "models", "synthetic") or {}
-  audit = _dig(r, "audit", "summary") or {}
-  irs = _dig(r, "evaluate", "diversity", "image_retrieval") or {}
+  util = dig(r, "evaluate", "utility") or {}
+  real, syn = dig(util, "models", "real") or {}, dig(util, "models", "synthetic") or {}
+  audit = dig(r, "audit", "summary") or {}
+  irs = dig(r, "evaluate", "diversity", "image_retrieval") or {}
   sel = r.get("selection") or {}
   risk = audit.get("residual_risk") or {}
   return {
       "real_mean_auroc": real.get("mean_auroc"), "real_mean_auroc_ci": real.get("mean_auroc_ci"),
       "synthetic_mean_auroc": syn.get("mean_auroc"),
       "synthetic_mean_auroc_ci": syn.get("mean_auroc_ci"),
-      "auroc_gap": _dig(util, "difference", "value"), "auroc_gap_ci": _dig(util, "difference", "ci"),
+      "auroc_gap": dig(util, "difference", "value"), "auroc_gap_ci": dig(util, "difference", "ci"),
       "within_one_point": util.get("within_one_point"),
-      "pso_attack": _dig(audit, "attack", "value"),
-      "pso_attack_ci": [_dig(audit, "attack", "low"), _dig(audit, "attack", "high")],
-      "pso_control": _dig(audit, "control", "value"),
-      "pso_control_ci": [_dig(audit, "control", "low"), _dig(audit, "control", "high")],
+      "pso_attack": dig(audit, "attack", "value"),
+      "pso_attack_ci": [dig(audit, "attack", "low"), dig(audit, "attack", "high")],
+      "pso_control": dig(audit, "control", "value"),
+      "pso_control_ci": [dig(audit, "control", "low"), dig(audit, "control", "high")],
       "pso_residual_risk": risk.get("value"), "pso_residual_risk_ci": [risk.get("low"), risk.get("high")],
       "pso_verdict": audit.get("verdict"), "pso_verdict_rule": audit.get("verdict_rule"),
       "audit_headline_attacker": audit.get("headline_attacker"),
       "audit_decided_by": audit.get("decided_by"),
-      "dcr_share": _dig(audit, "dcr", "share"),
-      "dcr_control_share": _dig(audit, "dcr", "control_share"),
-      "irs_synthetic": _dig(irs, "synthetic", "share"), "irs_real": _dig(irs, "real", "share"),
+      "dcr_share": dig(audit, "dcr", "share"),
+      "dcr_control_share": dig(audit, "dcr", "control_share"),
+      "irs_synthetic": dig(irs, "synthetic", "share"), "irs_real": dig(irs, "real", "share"),
       "irs_ratio": irs.get("ratio"),
-      "diversity_space": _dig(r, "evaluate", "diversity", "feature_space"),
-      "frechet_synthetic_train": _dig(r, "evaluate", "diversity", "frechet_synthetic_train"),
-      "frechet_real_train": _dig(r, "evaluate", "diversity", "frechet_real_train"),
+      "diversity_space": dig(r, "evaluate", "diversity", "feature_space"),
+      "frechet_synthetic_train": dig(r, "evaluate", "diversity", "frechet_synthetic_train"),
+      "frechet_real_train": dig(r, "evaluate", "diversity", "frechet_real_train"),
       "memorisation_1to1_before_selection": sel.get("one_to_one_memorisation_rate"),
       "first_round_rejection_rate": sel.get("first_round_rejection_rate"),
-      "reid_auc": _dig(r, "reid", "auc"), "reid_tau": _dig(r, "reid", "tau"),
+      "reid_auc": dig(r, "reid", "auc"), "reid_tau": dig(r, "reid", "tau"),
   }
 
 
@@ -111,11 +112,11 @@ def loss_figure(metrics_path: str, path: str) -> None:
 
 
 def auroc_figure(r: dict, path: str) -> None:
-  util = _dig(r, "evaluate", "utility") or {}
+  util = dig(r, "evaluate", "utility") or {}
   findings = util.get("findings") or list(r["config"]["data"]["findings"])
   series = {}
   for name in ("real", "synthetic"):
-    per_class = _dig(util, "models", name, "per_class") or {}
+    per_class = dig(util, "models", name, "per_class") or {}
     series[f"trained on {name}"] = [
         v["auroc"] if isinstance(v.get("auroc"), float) else None
         for v in (per_class.get(f, {}) for f in findings)]
@@ -188,15 +189,15 @@ def _headline_rows(h: dict) -> list:
 
 
 def _per_class_table(r: dict) -> str:
-  util = _dig(r, "evaluate", "utility") or {}
+  util = dig(r, "evaluate", "utility") or {}
   rows = []
   for f in util.get("findings", []):
     cells = [html.esc(f)]
     for name in ("real", "synthetic"):
-      v = _dig(util, "models", name, "per_class", f) or {}
+      v = dig(util, "models", name, "per_class", f) or {}
       cells.append(_rate(v.get("auroc"), v.get("ci")) if isinstance(v.get("auroc"), float)
                    else "undefined")
-    cells.append(str(_dig(util, "models", "real", "per_class", f, "positives")))
+    cells.append(str(dig(util, "models", "real", "per_class", f, "positives")))
     rows.append(cells)
   notes = "".join(f"<p class='muted'>{html.esc(n)}</p>" for n in util.get("notes", []))
   return html.table(["finding", "trained on real", "trained on synthetic", "test positives"],
@@ -208,7 +209,7 @@ def _selection_table(sel: dict) -> str:
           "rejection_rate", "retries_histogram", "skipped_images", "released",
           "one_to_one_memorisation_rate", "missed_by_one_to_one_rate", "tau"]
   rows = [[html.esc(k), html.esc(html.fmt(sel.get(k)))] for k in keys if k in sel]
-  rows.append(["candidates per second", html.fmt(_dig(sel, "throughput", "candidates_per_s"), 2)])
+  rows.append(["candidates per second", html.fmt(dig(sel, "throughput", "candidates_per_s"), 2)])
   return html.table(["", "value"], rows)
 
 
@@ -247,9 +248,9 @@ def render(r: dict, compare: tuple | None = None, audit_dir: str = "audit") -> s
   body += html.section("Training", html.figure(FIG["loss"], "diffusion training loss")
                        + html.table(["model", "figure"], [
                            ["re-identification (held-out patients)",
-                            f"AUC {html.fmt_ci(_dig(r, 'reid', 'auc'), _dig(r, 'reid', 'auc_ci'))}"],
+                            f"AUC {html.fmt_ci(dig(r, 'reid', 'auc'), dig(r, 'reid', 'auc_ci'))}"],
                            ["finding classifier (real)",
-                            f"mean AUROC {html.fmt(_dig(r, 'classifier', 'models', 'real', 'mean_auroc'))}"]]))
+                            f"mean AUROC {html.fmt(dig(r, 'classifier', 'models', 'real', 'mean_auroc'))}"]]))
   t = r["timings"]
   body += html.section("Timings (wall seconds per stage, all invocations)", html.table(
       ["stage", "seconds"], [[html.esc(k), html.fmt(v, 1)] for k, v in t.items()]
@@ -257,4 +258,4 @@ def render(r: dict, compare: tuple | None = None, audit_dir: str = "audit") -> s
   body += html.section("Config", "<pre>" + html.esc(json.dumps(cfg, indent=1)) + "</pre>")
   return html.page("pso_jax run report",
                    f"{cfg.get('variant') or 'reference recipe'} · dataset "
-                   f"{_dig(cfg, 'data', 'name')} · {r['generated']} · {r['workdir']}", body)
+                   f"{dig(cfg, 'data', 'name')} · {r['generated']} · {r['workdir']}", body)
