@@ -441,15 +441,14 @@ def _reference(c):
 
 
 def _demo_long(c):
-  """The demo with twice the training (1200 steps) and two released images per real one: about
-  40 minutes on 2 shared CPU cores. Not measured as a whole: docs/utility_gap.md has the runs it is
-  read from, where 1500 steps did not close the gap at the demo's width."""
+  """The demo with twice the training (1200 steps): about 25 minutes on 2 shared CPU cores. Not
+  run as a whole: docs/utility_gap.md has the runs it is read from (1500 steps did not close the
+  gap at the demo's width; two released images per real one, select.per_real=2, widened it)."""
   c = _demo(c)
   c.variant = "demo_long"
   c.train.total_images = 32 * 1200
   c.train.snapshot_images = 32 * 200
   c.train.checkpoint_images = 32 * 200
-  c.select.per_real = 2
   return c
 
 
