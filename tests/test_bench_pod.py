@@ -255,6 +255,8 @@ def test_bad_input_messages(monkeypatch):
   with pytest.raises(UserError, match=r"unknown TPU topology 'v5p-7'"):
     pod.resolve_topology("v5p-7")
   assert pod.ALIASES["v5p-8"] == "v5p:2x2x1" and pod.ALIASES["v5e-256"] == "v5e:16x16"
+  with pytest.raises(UserError, match=r"--table=.*no such file.*--json=FILE"):
+    pod.table("/nonexistent/sweep.jsonl")
 
   pin = [r for r in importlib.metadata.requires("jax") if r.startswith("libtpu")][0].split(";")[0]
 

@@ -611,6 +611,9 @@ def _kernel_label(row: dict) -> str:
 
 def table(path: str) -> str:
   """The sweep's rows as the markdown tables of docs/pod_scale.md."""
+  if not os.path.exists(path):
+    raise UserError(f"--table={path}: no such file; it is the JSON lines a sweep writes "
+                    "(--sweep --out=FILE) or a single case appends (--json=FILE)")
   with open(path, encoding="utf-8") as f:
     rows = [reanalysed(json.loads(l)) for l in f if l.strip()]
 
