@@ -20,6 +20,19 @@ RUNTIME_ONLY = ("mesh", "distributed", "data.worker_count", "sample.batch_size",
                 "audit.query_block", "audit.ref_block")
 
 
+def config_field(config, dotted: str):
+  """config.a.b for "a.b" (any depth; "" is the config itself)."""
+  for part in filter(None, dotted.split(".")):
+    config = config[part]
+  return config
+
+
+def set_config_field(config, dotted: str, value) -> None:
+  """config.a.b = value for "a.b"."""
+  parent, _, name = dotted.rpartition(".")
+  config_field(config, parent)[name] = value
+
+
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
   # JSON round trip: tuples become lists, so a stored and a fresh config compare equal
   return json.loads(json.dumps(config.to_dict(), default=list))

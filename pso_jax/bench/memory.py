@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 
+from pso_jax import workdir as workdir_lib
 from pso_jax.bench import ROOT, cxr_config
 
 STAGES = ("prepare", "train", "train_reid", "train_classifier", "sample", "select", "audit",
@@ -69,10 +70,8 @@ def apply_override(config, kv: str) -> None:
   """KEY=VALUE onto config when the value is a number, bool or string (what the bench reads:
   image size, channels, scans per patient, batch sizes); other values only go to the children."""
   key, value = kv.split("=", 1)
-  *parents, leaf = key.split(".")
-  section = config
-  for p in parents:
-    section = section[p]
+  parent, _, leaf = key.rpartition(".")
+  section = workdir_lib.config_field(config, parent)
   old = section[leaf]
   if isinstance(old, bool):
     section[leaf] = value.lower() in ("1", "true")

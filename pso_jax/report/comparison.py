@@ -30,7 +30,7 @@ import time
 import jax
 import numpy as np
 
-from pso_jax import io_utils
+from pso_jax import io_utils, workdir as workdir_lib
 from pso_jax.errors import UserError, require
 from pso_jax.report.results_page import dig
 
@@ -145,17 +145,6 @@ def link_shared(workdir: str, target_dir: str, attacker_dir: str | None,
 
 # ----------------------------------------------------------------------------- configs
 
-def _get(config, field: str):
-  for part in field.split("."):
-    config = config[part]
-  return config
-
-
-def _set(config, field: str, value) -> None:
-  path, _, name = field.rpartition(".")
-  (_get(config, path) if path else config)[name] = value
-
-
 def autoguidance_step(config) -> int:
   """The autoguidance guide's checkpoint: config.compare.autoguidance_step, or (< 0) the first
   checkpoint the train stage saves at or after AUTOGUIDANCE_FRACTION of training."""
@@ -190,7 +179,7 @@ def guide_of(method: Method, config) -> str:
 def method_config(config, method: Method, workdir: str):
   c = pipeline_config(config)
   for field, value in method.overrides:
-    _set(c, field, value)
+    workdir_lib.set_config_field(c, field, value)
   guide = guide_of(method, config)
   if guide:
     c.sample.guide_workdir = os.path.abspath(method_dir(workdir, guide))
@@ -205,7 +194,7 @@ def overrides(method: Method, config, sub_config) -> dict:
   fields = [f for f, _ in method.overrides]
   fields += ["sample.guide_workdir"] * bool(guide_of(method, config))
   fields += ["sample.guide_step"] * method.autoguidance
-  return {f: _get(sub_config, f) for f in fields}
+  return {f: workdir_lib.config_field(sub_config, f) for f in fields}
 
 
 def sweep_config(config, method: Method, workdir: str, guidance: float):

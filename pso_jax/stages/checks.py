@@ -9,7 +9,7 @@ open. `CHECKS` holds one check per mode of the stage table.
 
 import math
 
-from pso_jax import parallel
+from pso_jax import parallel, workdir as workdir_lib
 from pso_jax.data import filelists, latents, prepare_plan
 from pso_jax.diffusion import regulariser, sampling, train_setup
 from pso_jax.errors import UserError, require
@@ -24,20 +24,13 @@ _AUDIT_DTYPES = ("float32", "bfloat16")
 # ------------------------------------------------------------------ one field
 
 
-def _value(config, field: str):
-  node = config
-  for part in field.split("."):
-    node = node[part]
-  return node
-
-
 def _is_number(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def count(config, field: str, low: int = 1, hint: str = "") -> None:
   """An integer field of at least `low` (steps, sizes, batch sizes, counts)."""
-  v = _value(config, field)
+  v = workdir_lib.config_field(config, field)
   require(isinstance(v, int) and not isinstance(v, bool) and v >= low,
           f"config.{field}={v!r} must be an integer >= {low}{hint}")
 
@@ -58,7 +51,7 @@ def _interval(low, high, low_open: bool, high_open: bool):
 def number(config, field: str, low=-math.inf, high=math.inf, *, low_open=False, high_open=False,
            hint: str = "") -> None:
   """A finite number between `low` and `high` (each end excluded when marked open)."""
-  v = _value(config, field)
+  v = workdir_lib.config_field(config, field)
   test, words = _interval(low, high, low_open, high_open)
   require(test(v), f"config.{field}={v!r} must be {words}{hint}")
 
@@ -66,14 +59,14 @@ def number(config, field: str, low=-math.inf, high=math.inf, *, low_open=False, 
 def numbers(config, field: str, length: int | None = None, low=-math.inf, high=math.inf, *,
             low_open=False, high_open=False, hint: str = "") -> None:
   """A tuple of numbers (`length` of them when given), each between `low` and `high`."""
-  v = tuple(_value(config, field))
+  v = tuple(workdir_lib.config_field(config, field))
   test, words = _interval(low, high, low_open, high_open)
   require((len(v) == length if length else len(v) >= 1) and all(test(x) for x in v),
           f"config.{field}={v!r} must hold {length or 'one or more'} values, each {words}{hint}")
 
 
 def choice(config, field: str, options) -> None:
-  v = _value(config, field)
+  v = workdir_lib.config_field(config, field)
   require(v in options, f"config.{field}={v!r} is unknown; use one of {', '.join(map(str, options))}")
 
 
@@ -90,7 +83,7 @@ def _batch_over_mesh(config, field: str) -> None:
   """The mesh fits the devices and the batch size `field` splits evenly over it (the stages that
   train or sample use config.mesh; a report on a laptop needs none of the training run's GPUs)."""
   shards = parallel.batch_shards(parallel.make_mesh(config.mesh))
-  v = _value(config, field)
+  v = workdir_lib.config_field(config, field)
   require(v % shards == 0, f"config.{field}={v} is not divisible by the {shards} devices the mesh "
           f"splits a batch over; choose a multiple of {shards} (or a smaller --config.mesh.data)")
 
