@@ -1,6 +1,7 @@
 """One process of the 2-process prepare test: python prepare_multiprocess_worker.py PORT ID WORKDIR
 CHUNK OUT. Runs the prepare stage on the tiny config (records cut into chunks of CHUNK) as one of 2
-jax.distributed processes and saves how many chunks this process computed."""
+jax.distributed processes and saves how many chunks this process computed and the record
+files it wrote."""
 
 import json
 import os
@@ -32,9 +33,16 @@ def main():
     computed.append(share(*args, **kwargs))
     return computed[-1]
   prepare_plan.compute_share = counted
+  parts = []  # the record files this process wrote (its manifests)
+  write_share = prepare_plan.write_share
+
+  def recorded(*args, **kwargs):
+    parts.extend(write_share(*args, **kwargs))
+    return parts
+  prepare_plan.write_share = recorded
   card = prepare.run(config, workdir)
   with open(f"{out}.{pid}.json", "w") as f:
-    json.dump({"computed": computed, "records": {s: v["records"] for s, v in card["splits"].items()}}, f)
+    json.dump({"computed": computed, "parts": parts, "records": {s: v["records"] for s, v in card["splits"].items()}}, f)
   jax.distributed.shutdown()
 
 

@@ -1,6 +1,6 @@
 """prepare sharded over processes (issue 16 item 3): 2 real JAX processes on 127.0.0.1 each draw
-their share of the chunks, process 0 assembles; the records, features and card equal a
-one-process prepare's."""
+their share of the chunks and write their own record files, process 0 the metadata; the records,
+features and card equal a one-process prepare's."""
 
 import json
 import os
@@ -45,6 +45,16 @@ def test_two_process_prepare_equals_one(tmp_path):
   assert computed == [-(-n_chunks // 2), n_chunks // 2] and n_chunks >= 10
   assert all(r["records"] == {s: v["records"] for s, v in card_one["splits"].items()}
              for r in results)
+  # each process wrote one contiguous half of every split: process 0 the first, process 1 the rest
+  for split, info in card_one["splits"].items():
+    n = info["records"]
+    if not n:
+      continue  # (tiny has no attacker split: none is written)
+    ranges = [[(p["start"], p["stop"]) for p in r["parts"] if p["split"] == split] for r in results]
+    assert ranges == [[(0, n // 2)], [(n // 2, n)]], (split, ranges)
+  files = sorted(os.listdir(os.path.join(two, "data", "pso_cxr", "1.0.0")))
+  assert sum(f.startswith("pso_cxr-train.array_record-") for f in files) == 2, files
+  assert not [f for f in files if f.startswith(".")], files  # no manifest or part left behind
   for split in filelists.SPLITS:
     got, want = (dataset.load_arrays(w, split, KEYS) for w in (two, one))
     for k in KEYS:
@@ -53,5 +63,6 @@ def test_two_process_prepare_equals_one(tmp_path):
   card_two = dataset.load_card(two)
   for card in (card_one, card_two):
     card.pop("prepare_seconds")
+    card["records"].pop("file_bytes_per_record")  # 2 files per split pad differently from 1
   assert card_two == card_one
   assert not os.path.exists(os.path.join(two, ".data.partial"))

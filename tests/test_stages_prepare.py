@@ -1,6 +1,7 @@
 """The prepare stage on the phantom and on small real-format datasets written by the tests."""
 
 import csv
+import glob
 import os
 import zlib
 
@@ -11,7 +12,7 @@ from sklearn.model_selection import train_test_split
 
 import tolerances as T
 from conftest import load_config, save_tiny_sd_vae
-from pso_jax.data import dataset, features, images, latents, phantom, prepare_plan
+from pso_jax.data import builder, dataset, features, filelists, images, latents, phantom, prepare_plan
 from pso_jax.models import sd_vae
 from pso_jax.stages import prepare
 from pso_jax.errors import UserError
@@ -188,6 +189,45 @@ def test_interrupted_prepare_leaves_no_dataset_and_resumes(tmp_path, monkeypatch
   # only the failed chunk (a run of records ending at the repaired one) was decoded again
   assert 0 < len(decoded) <= 4 * 4 < len(kept) and decoded == kept[-len(decoded):]
   assert dataset.is_complete(str(workdir)) and not (workdir / ".data.partial").exists()
+
+
+def test_interrupted_record_writing_resumes_per_part(tmp_path, monkeypatch):
+  """Killed while writing the val split's records: the rerun keeps the train part written before
+  (same file, not rewritten), writes the rest, and the dataset equals an uninterrupted one's."""
+  config = load_config("tiny")
+  fresh = str(tmp_path / "fresh")
+  prepare.run(config, fresh)
+
+  workdir = str(tmp_path / "run")
+  real = builder.write_part
+
+  def dies_at_val(folder, spec, split, *args):
+    if split == "val":
+      raise KeyboardInterrupt("killed")
+    return real(folder, spec, split, *args)
+  monkeypatch.setattr(builder, "write_part", dies_at_val)
+  with pytest.raises(KeyboardInterrupt):
+    prepare.run(config, workdir)
+  assert not dataset.is_complete(workdir)
+  (part,) = glob.glob(os.path.join(workdir, ".data.partial", "stage-*", "pso_cxr", "1.0.0", ".train.*.file0"))
+  before = os.stat(part)
+
+  rewritten = []
+
+  def counts_new_parts(folder, spec, split, start, stop, records):
+    if not os.path.exists(os.path.join(folder, builder.part_name(split, start, stop) + ".json")):
+      rewritten.append(split)
+    return real(folder, spec, split, start, stop, records)
+  monkeypatch.setattr(builder, "write_part", counts_new_parts)
+  prepare.run(config, workdir)
+  assert rewritten == ["val", "test"]  # train's part was kept
+  final = os.path.join(workdir, "data", "pso_cxr", "1.0.0", "pso_cxr-train.array_record-00000-of-00001")
+  assert (os.stat(final).st_ino, os.stat(final).st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+  for split in filelists.SPLITS:
+    got, want = (dataset.load_arrays(w, split, ("image", "labels", "feature", "path", "index"))
+                 for w in (workdir, fresh))
+    for k in got:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f"{split} {k}")
 
 
 def _bad_input(tmp_path, breaks):

@@ -8,6 +8,7 @@ with `tfds.builder_from_directory` (`open_split`), so they need no builder class
 """
 
 import dataclasses
+import json
 import os
 from typing import Callable, Iterator
 
@@ -45,52 +46,91 @@ SHARD_BYTES = 256 << 20  # serialized bytes per ArrayRecord file: a new file sta
 _TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"  # tfds's file names
 
 
-def _write_split(folder: str, features, split: str, records: Iterator[dict]) -> tfds.core.SplitInfo:
-  """Streams one split's records into ArrayRecord files of about SHARD_BYTES each (under
-  temporary names, renamed once their number is known): memory holds one record at a time."""
+def part_name(split: str, start: int, stop: int) -> str:
+  return f".{split}.{start:012d}-{stop:012d}"
+
+
+def write_part(folder: str, spec: "RecordSpec", split: str, start: int, stop: int,
+               records: Iterator[dict]) -> dict:
+  """Streams records [start, stop) of one split into ArrayRecord files of about SHARD_BYTES each,
+  under temporary names (`finish` gives them tfds's names once every part is known), and writes
+  the part's manifest last: a part with a manifest is complete and is not written again, so an
+  interrupted prepare resumes per part. Memory holds one record at a time. Returns the manifest."""
   from array_record.python import array_record_module
-  parts, lengths, sizes, writer = [], [], [], None
+  from pso_jax import io_utils
+  base = os.path.join(folder, part_name(split, start, stop))
+  if os.path.exists(base + ".json"):
+    with open(base + ".json") as f:
+      return json.load(f)
+  features = spec.features()
+  files, lengths, sizes, writer = [], [], [], None
   for record in records:
     data = features.serialize_example(record)
     if writer is None or sizes[-1] >= SHARD_BYTES:
       if writer is not None:
         writer.close()
-      parts.append(os.path.join(folder, f".{split}.part{len(parts)}"))
-      writer = array_record_module.ArrayRecordWriter(parts[-1], "group_size:1")  # random access
+      files.append(f"{os.path.basename(base)}.file{len(files)}")
+      writer = array_record_module.ArrayRecordWriter(os.path.join(folder, files[-1]),
+                                                     "group_size:1")  # random access
       lengths.append(0)
       sizes.append(0)
     writer.write(data)
     lengths[-1] += 1
     sizes[-1] += len(data)
-  if writer is None:
-    raise ValueError(f"split {split!r} has no records (tfds cannot describe an empty split)")
-  writer.close()
-  for i, part in enumerate(parts):
-    os.replace(part, os.path.join(folder, f"{NAME}-{split}.array_record-{i:05d}-of-{len(parts):05d}"))
-  template = tfds.core.ShardedFileTemplate(data_dir=folder, template=_TEMPLATE, dataset_name=NAME,
-                                           split=split, filetype_suffix="array_record")
-  return tfds.core.SplitInfo(name=split, shard_lengths=lengths, num_bytes=sum(sizes),
-                             filename_template=template)
+  if writer is not None:
+    writer.close()
+  if sum(lengths) != stop - start:
+    raise ValueError(f"split {split!r} part [{start}, {stop}) got {sum(lengths)} records")
+  manifest = {"split": split, "start": start, "stop": stop, "files": files, "lengths": lengths,
+              "sizes": sizes}
+  io_utils.write_json(base + ".json", manifest)
+  return manifest
+
+
+def finish(folder: str, spec: "RecordSpec", parts: dict[str, list[dict]]) -> str:
+  """Gives the parts' files (per split, in record order) tfds's names and writes the metadata;
+  removes whatever else is hidden in the folder (manifests, parts of an abandoned cut)."""
+  infos = []
+  for split, manifests in parts.items():
+    manifests = sorted(manifests, key=lambda m: m["start"])
+    files = [f for m in manifests for f in m["files"]]
+    if not files:
+      raise ValueError(f"split {split!r} has no records (tfds cannot describe an empty split)")
+    for i, name in enumerate(files):
+      final = os.path.join(folder, f"{NAME}-{split}.array_record-{i:05d}-of-{len(files):05d}")
+      if os.path.exists(os.path.join(folder, name)) or not os.path.exists(final):
+        os.replace(os.path.join(folder, name), final)  # (renamed already by an interrupted finish)
+    template = tfds.core.ShardedFileTemplate(data_dir=folder, template=_TEMPLATE, dataset_name=NAME,
+                                             split=split, filetype_suffix="array_record")
+    infos.append(tfds.core.SplitInfo(
+        name=split, shard_lengths=[n for m in manifests for n in m["lengths"]],
+        num_bytes=sum(n for m in manifests for n in m["sizes"]), filename_template=template))
+  for name in os.listdir(folder):
+    if name.startswith(".") and os.path.isfile(os.path.join(folder, name)):
+      os.remove(os.path.join(folder, name))
+  tfds.folder_dataset.write_metadata(
+      data_dir=folder, features=spec.features(), split_infos=infos, version=VERSION,
+      check_data=False, description="pso_jax prepared chest radiographs", disable_shuffling=True)
+  return folder
 
 
 def write(data_dir: str, spec: RecordSpec, examples: dict[str, Callable[[], Iterator[dict]]],
-          scratch_dir: str | None = None) -> str:
+          lengths: dict[str, int] | None = None) -> str:
   """Writes the splits (record iterators, in record order) as ArrayRecord files under data_dir in
-  tfds's layout, so `tfds.builder_from_directory` opens them; returns the builder folder.
+  tfds's layout, so `tfds.builder_from_directory` opens them; returns the builder folder. One
+  writer: `write_part` + `finish` are the same in pieces, for several processes.
 
   Each record is serialized and written as it comes: memory does not grow with the split. (tfds's
   own builder collects a split in memory before writing it: with shuffling disabled every record
-  lands in one bucket of its shuffler, read back whole, a split's bytes at once.) scratch_dir is
-  unused (kept for callers)."""
-  del scratch_dir
+  lands in one bucket of its shuffler, read back whole, a split's bytes at once.) `lengths`: the
+  splits' record counts when known (otherwise each split is counted by a first pass)."""
   folder = builder_dir(data_dir)
   os.makedirs(folder, exist_ok=True)
-  features = spec.features()
-  infos = [_write_split(folder, features, split, make()) for split, make in examples.items()]
-  tfds.folder_dataset.write_metadata(
-      data_dir=folder, features=features, split_infos=infos, version=VERSION, check_data=False,
-      description="pso_jax prepared chest radiographs", disable_shuffling=True)
-  return folder
+  parts = {}
+  for split, make in examples.items():
+    n = lengths[split] if lengths else sum(1 for _ in make())
+    parts[split] = [write_part(folder, spec, split, 0, n, make())]
+  return finish(folder, spec, parts)
 
 
 def builder_dir(data_dir: str) -> str:

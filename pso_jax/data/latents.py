@@ -110,12 +110,16 @@ class RunningStats:
 
   def update(self, x) -> None:
     x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
-    if not len(x):
+    if len(x):
+      mean = x.mean(0)
+      self.merge(len(x), mean, ((x - mean) ** 2).sum(0))
+
+  def merge(self, n: int, mean, m2) -> None:
+    """Adds a part summarised elsewhere (its count, mean and squared deviations)."""
+    if not n:
       return
-    n, mean = len(x), x.mean(0)
-    m2 = ((x - mean) ** 2).sum(0)
     if self.mean is None:
-      self.n, self.mean, self.m2 = n, mean, m2
+      self.n, self.mean, self.m2 = int(n), np.asarray(mean, np.float64), np.asarray(m2, np.float64)
       return
     total = self.n + n
     delta = mean - self.mean

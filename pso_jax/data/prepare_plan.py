@@ -116,9 +116,10 @@ _NOT_IN_RECORDS = ("worker_count", "batch_size", "filelist", "csv", "path_style"
                    "split_files", "filter_order", "image_codec")
 
 
-# what a cached chunk holds, in its key: "raw latents" since the per-channel statistics may come
-# from the dataset (chunks held normalised latents before)
-_CHUNK_FORMAT = "raw latents"
+# what a cached chunk holds, in its key: raw latents (the per-channel statistics may come from the
+# dataset) and the statistics of its train records (merged in chunk order: any process computes any
+# chunk, and the merged statistics do not depend on which)
+_CHUNK_FORMAT = "raw latents, train stats"
 RAW_LATENT = "raw_latent"  # chunk key: VAE posterior samples before the per-channel normalisation
 
 
@@ -172,6 +173,7 @@ def _chunk_path(partial: str, chunk: Chunk) -> str:
 
 def _compute_chunks(config, plan: Plan, chunks: list[Chunk], partial: str) -> None:
   """Decodes (or draws) images and encodes latents chunk by chunk; skips cached chunks."""
+  train = filelists.ALL_SPLITS.index("train")
   with progress.bar(total=sum(len(c.rows) for c in chunks), desc="prepare", unit="img") as pbar:
     for chunk in chunks:
       path = _chunk_path(partial, chunk)
@@ -180,10 +182,25 @@ def _compute_chunks(config, plan: Plan, chunks: list[Chunk], partial: str) -> No
         arrays = {"image": imgs, "scaling": scaling}
         if config.data.latent.kind != "identity":
           arrays[RAW_LATENT] = _latents(config, imgs, chunk)
+        raw = arrays.get(RAW_LATENT, imgs)[chunk.split == train]
+        arrays.update(_train_stats(raw, config.data.latent.kind == "identity"))
         with io_utils.atomic_path(path) as tmp:
           with open(tmp, "wb") as f:
             np.savez(f, **arrays)
       pbar.update(len(chunk.rows))
+
+
+def _train_stats(values: np.ndarray, identity: bool) -> dict[str, np.ndarray]:
+  """Count, mean and squared deviations per channel of a chunk's train records (unit pixels for
+  identity, raw latents otherwise), float64 copies of 16 records at a time."""
+  running = latents.RunningStats()
+  for i in range(0, len(values), 16):
+    part = values[i:i + 16]
+    running.update(latents.pixels_to_unit(part) if identity else part)
+  channels = values.shape[-1]
+  return {"stats_n": np.int64(running.n),
+          "stats_mean": running.mean if running.n else np.zeros(channels),
+          "stats_m2": running.m2 if running.n else np.zeros(channels)}
 
 
 def _latents(config, imgs: np.ndarray, chunk: Chunk) -> np.ndarray:
@@ -198,52 +215,68 @@ def _latents(config, imgs: np.ndarray, chunk: Chunk) -> np.ndarray:
   return out
 
 
-def _split_chunks(chunks: list[Chunk], partial: str, split: str, keys=None):
-  """The cached arrays (all, or `keys`) of one split's records, in record order, chunk by chunk."""
+def _split_chunks(chunks: list[Chunk], partial: str, split: str, keys=None, start: int = 0,
+                  stop: int | None = None):
+  """The cached arrays (all, or `keys`) of one split's records [start, stop) in record order, chunk
+  by chunk (chunks outside the range are not opened)."""
   k = filelists.ALL_SPLITS.index(split)
+  pos = 0
   for chunk in chunks:
-    mine = chunk.split == k
-    if mine.any():
+    mine = np.flatnonzero(chunk.split == k)
+    lo, hi = max(start - pos, 0), len(mine) if stop is None else min(stop - pos, len(mine))
+    pos += len(mine)
+    if lo < hi:
       with np.load(_chunk_path(partial, chunk)) as z:
-        yield {key: z[key][mine] for key in (keys or z.files)}
+        keys = keys or [k for k in z.files if not k.startswith("stats_")]  # per record only
+        yield {key: z[key][mine[lo:hi]] for key in keys}
 
 
-def _batches(arrays, size: int):
-  """A stream of arrays re-cut into arrays of `size` rows (the last one shorter)."""
-  held = np.zeros((0,))
-  for a in arrays:
-    held = np.concatenate([held, a]) if len(held) else a
-    while len(held) >= size:
-      yield held[:size]
-      held = held[size:]
-  if len(held):
-    yield held
+def _feature_batches(config, plan: Plan) -> list[tuple[str, int, int]]:
+  """(split, start, stop): the raw features are computed in batches of prepare_chunk records in
+  split order (a float32 matmul rounds differently for other batch shapes, and the features must
+  not depend on how the cache was cut or on how many processes computed them)."""
+  size = int(config.data.prepare_chunk)
+  return [(split, a, min(a + size, len(plan.rows[split])))
+          for split in filelists.ALL_SPLITS for a in range(0, len(plan.rows[split]), size)]
 
 
-def _features(config, plan: Plan, chunks: list[Chunk], partial: str) -> dict[str, np.ndarray]:
+def _raw_feature_path(work: str, split: str, start: int) -> str:
+  return os.path.join(work, "raw_features", f"{split}-{start:012d}.npy")
+
+
+def compute_feature_share(config, plan: Plan, chunks: list[Chunk], partial: str, work: str,
+                          index: int, count: int) -> None:
+  """Process `index` of `count`'s batches of raw features (every count-th), each cached in `work`."""
+  if plan.file_features is not None:
+    return
+  for split, start, stop in _feature_batches(config, plan)[index::count]:
+    path = _raw_feature_path(work, split, start)
+    if not os.path.exists(path):
+      images = np.concatenate([c["image"] for c in _split_chunks(chunks, partial, split, ["image"],
+                                                                  start, stop)])
+      io_utils.write_npy(path, features.raw_features(config, images))
+
+
+def _features(config, plan: Plan, work: str) -> dict[str, np.ndarray]:
   if plan.file_features is not None:
     return plan.file_features
-  raw, size = {}, int(config.data.prepare_chunk)
-  for split in filelists.ALL_SPLITS:
-    # batches of prepare_chunk records in split order: a float32 matmul rounds differently for
-    # other batch shapes, and the features must not depend on how the cache was cut
-    images = (c["image"] for c in _split_chunks(chunks, partial, split, ["image"]))
-    parts = [features.raw_features(config, batch) for batch in _batches(images, size)]
-    raw[split] = np.concatenate(parts) if parts else np.zeros((0, config.data.features.dim), np.float32)
-  return features.finalise(config, raw)
+  raw = {split: [] for split in filelists.ALL_SPLITS}
+  for split, start, _ in _feature_batches(config, plan):
+    raw[split].append(np.load(_raw_feature_path(work, split, start)))
+  dim = config.data.features.dim
+  return features.finalise(config, {s: np.concatenate(v) if v else np.zeros((0, dim), np.float32)
+                                    for s, v in raw.items()})
 
 
 def _latent_stats(config, chunks: list[Chunk], partial: str) -> dict:
   """Per-channel mean and std of the train split's raw values (unit pixels for identity, VAE
-  posterior samples for sd_vae), streamed over the cached chunks; and the ones in force."""
+  posterior samples for sd_vae), merged from the chunks' own; and the ones in force."""
   l = config.data.latent
   identity = l.kind == "identity"
   running = latents.RunningStats()
-  for c in _split_chunks(chunks, partial, "train", ["image" if identity else RAW_LATENT]):
-    values = c["image"] if identity else c[RAW_LATENT]
-    for i in range(0, len(values), 16):  # float64 copies of 16 records at a time, not a chunk's
-      part = values[i:i + 16]
-      running.update(latents.pixels_to_unit(part) if identity else part)
+  for chunk in chunks:
+    with np.load(_chunk_path(partial, chunk)) as z:
+      running.merge(int(z["stats_n"]), z["stats_mean"], z["stats_m2"])
   mean, std = running.result()
   used = latents.check_stats(config)
   if used == "dataset" and np.any(std <= 0):
@@ -277,12 +310,13 @@ def _record_spec(config, feats: dict[str, np.ndarray]) -> builder.RecordSpec:
 
 
 def _examples(plan: Plan, chunks: list[Chunk], partial: str, split: str, feats: np.ndarray,
-              model_config):
-  """Record dicts of one split, in filelist order, streamed chunk by chunk; latents normalised
-  with the statistics in force (`model_config`: latents.with_stats when they are the dataset's)."""
+              model_config, start: int, stop: int):
+  """Record dicts of one split's records [start, stop), in filelist order, streamed chunk by chunk;
+  latents normalised with the statistics in force (`model_config`: latents.with_stats when they
+  are the dataset's)."""
   table = plan.table.take(plan.rows[split])
-  i = 0
-  for chunk in _split_chunks(chunks, partial, split):
+  i = start
+  for chunk in _split_chunks(chunks, partial, split, None, start, stop):
     if RAW_LATENT in chunk:
       chunk["latent"] = latents.normalise(chunk.pop(RAW_LATENT), model_config)
     for j in range(len(chunk["image"])):
@@ -373,8 +407,9 @@ def _split_line(card: dict) -> str:
 
 def _record_bytes(config, stage: str, card: dict, sample: int = 512) -> dict:
   """The image codec and, per written split, the mean serialized record (what a reader fetches
-  and decodes; measured on up to `sample` records per file, evenly spaced) and the record files'
-  bytes per record (ArrayRecord pads small files to its 128 KiB blocks)."""
+  and decodes; measured on up to `sample` records evenly spaced over the split, wherever the files
+  are cut) and the record files' bytes per record (ArrayRecord pads small files to its 128 KiB
+  blocks)."""
   from array_record.python import array_record_module
   folder = builder.builder_dir(stage)
   per_record, per_file = {}, {}
@@ -382,13 +417,15 @@ def _record_bytes(config, stage: str, card: dict, sample: int = 512) -> dict:
     files = sorted(f for f in os.listdir(folder) if f.startswith(f"{builder.NAME}-{split}.array_record"))
     if not s["records"] or not files:
       continue
-    lengths = []
+    picks = np.unique(np.linspace(0, s["records"] - 1, min(s["records"], sample)).astype(np.int64))
+    lengths, first = [], 0
     for name in files:
       reader = array_record_module.ArrayRecordReader(os.path.join(folder, name))
       try:
         n = reader.num_records()
-        picks = np.unique(np.linspace(0, n - 1, min(n, sample)).astype(np.int64)).tolist() if n else []
-        lengths += [len(r) for r in reader.read(picks)] if picks else []
+        mine = (picks[(picks >= first) & (picks < first + n)] - first).tolist()
+        lengths += [len(r) for r in reader.read(mine)] if mine else []
+        first += n
       finally:
         reader.close()
     per_record[split] = round(float(np.mean(lengths)))
@@ -431,13 +468,24 @@ def _scaling_line(pixel_scaling: dict[str, int]) -> str:
 # ---------------------------------------------------------------- stage
 
 
-def _drop_stale_chunks(partial: str, chunks: list[Chunk]) -> None:
-  """Cached chunks this input no longer needs (and temporary files of an interrupted write)."""
+def _work_key(config, chunks: list[Chunk]) -> str:
+  """What the assembled dataset follows from: the chunks' contents and the whole data config (the
+  split, the features and the codec shape the records too)."""
+  what = json.dumps([config.data.to_dict(), config.seed, _CHUNK_FORMAT], sort_keys=True, default=list)
+  return _hash("\n".join([what, *(c.key for c in chunks)]))[:16]
+
+
+def _drop_stale(partial: str, chunks: list[Chunk], key: str) -> None:
+  """Cached chunks this input no longer needs (and temporary files of an interrupted write), and
+  the assembly of another input."""
   folder = os.path.join(partial, "chunks")
   keep = {os.path.basename(_chunk_path(partial, c)) for c in chunks}
   for name in os.listdir(folder) if os.path.isdir(folder) else []:
     if name not in keep:
       os.remove(os.path.join(folder, name))
+  for name in os.listdir(partial) if os.path.isdir(partial) else []:
+    if name != "chunks" and not name.endswith(key):
+      shutil.rmtree(os.path.join(partial, name))
 
 
 def compute_share(config, plan: Plan, workdir: str, index: int, count: int) -> int:
@@ -453,27 +501,78 @@ def compute_share(config, plan: Plan, workdir: str, index: int, count: int) -> i
   return len(todo)
 
 
-def build(config, plan: Plan, workdir: str) -> dict:
-  """Writes the dataset into workdir/data (process 0 only), resuming from cached chunks; returns
-  the card."""
+def _record_range(n: int, index: int, count: int) -> tuple[int, int]:
+  """The records [start, stop) of a split of n that process `index` of `count` writes."""
+  return n * index // count, n * (index + 1) // count
+
+
+def _written_splits(plan: Plan) -> list[str]:
+  # tfds refuses an empty split: no attacker split is written when none was asked for
+  return [s for s in filelists.ALL_SPLITS if s != filelists.ATTACKER or len(plan.rows[s])]
+
+
+def write_share(config, plan: Plan, chunks: list[Chunk], partial: str, stage: str,
+                feats: dict[str, np.ndarray], stats: dict, index: int, count: int) -> list[dict]:
+  """Process `index` of `count` writes its own record files: a contiguous range of each split
+  (`builder.write_part`: resumable per part). Returns the parts' manifests."""
+  folder = builder.builder_dir(stage)
+  os.makedirs(folder, exist_ok=True)
+  spec, model_config = _record_spec(config, feats), _model_config(config, stats)
+  manifests = []
+  for split in _written_splits(plan):
+    start, stop = _record_range(len(plan.rows[split]), index, count)
+    if stop > start:
+      manifests.append(builder.write_part(
+          folder, spec, split, start, stop,
+          _examples(plan, chunks, partial, split, feats[split], model_config, start, stop)))
+  return manifests
+
+
+def no_sync(name: str) -> None:
+  del name
+
+
+def build(config, plan: Plan, workdir: str, index: int = 0, count: int = 1,
+          sync: Callable[[str], None] = no_sync) -> dict | None:
+  """Writes the dataset into workdir/data, resuming from what an interrupted run left under
+  workdir/.data.partial/; returns the card (process 0; None on the others).
+
+  Called by every one of `count` processes (`sync(name)`: a barrier across them), each does its
+  share of each step: the chunks (images, latents), the raw feature batches, and its range of
+  each split's record files. Process 0 alone finalises the features (whitening over the train
+  split) and the latent statistics in between, and at the end names the record files, writes the
+  metadata, filelists and card and renames the dataset into place."""
   start = time.time()
   partial = os.path.join(workdir, ".data.partial")
   chunks = plan_chunks(config, plan)
-  _drop_stale_chunks(partial, chunks)
-  _compute_chunks(config, plan, chunks, partial)
-  feats = _features(config, plan, chunks, partial)
-  stats = _latent_stats(config, chunks, partial)
-  model_config = _model_config(config, stats)
-  stage = os.path.join(partial, "stage")
-  if os.path.exists(stage):
-    shutil.rmtree(stage)  # an interrupted assembly: rebuilt from the cached chunks (fast)
-  # tfds refuses an empty split: no attacker split is written when none was asked for
-  builder.write(stage, _record_spec(config, feats),
-                {s: (lambda s=s: _examples(plan, chunks, partial, s, feats[s], model_config))
-                 for s in filelists.ALL_SPLITS if s != filelists.ATTACKER or len(plan.rows[s])},
-                scratch_dir=os.path.join(partial, "tfds_scratch"))
+  key = _work_key(config, chunks)
+  work, stage = os.path.join(partial, f"work-{key}"), os.path.join(partial, f"stage-{key}")
+  if index == 0:
+    _drop_stale(partial, chunks, key)
+  sync("pso_jax.prepare.stale")
+  compute_share(config, plan, workdir, index, count)
+  sync("pso_jax.prepare.chunks")
+  compute_feature_share(config, plan, chunks, partial, work, index, count)
+  sync("pso_jax.prepare.raw_features")
+  stats_path = os.path.join(work, "latent_stats.json")
+  if index == 0 and not os.path.exists(stats_path):
+    feats = _features(config, plan, work)
+    for split in filelists.ALL_SPLITS:
+      io_utils.write_npy(os.path.join(stage, f"features_{split}.npy"), feats[split])
+    io_utils.write_json(stats_path, _latent_stats(config, chunks, partial))  # last: the marker
+  sync("pso_jax.prepare.features")
+  feats = {s: np.load(os.path.join(stage, f"features_{s}.npy")) for s in filelists.ALL_SPLITS}
+  with open(stats_path) as f:
+    stats = json.load(f)
+  write_share(config, plan, chunks, partial, stage, feats, stats, index, count)
+  sync("pso_jax.prepare.records")
+  if index != 0:
+    return None
+
+  parts = {split: [m for i in range(count) if (m := _share_manifest(stage, plan, split, i, count))]
+           for split in _written_splits(plan)}
+  builder.finish(builder.builder_dir(stage), _record_spec(config, feats), parts)
   for split in filelists.ALL_SPLITS:
-    io_utils.write_npy(os.path.join(stage, f"features_{split}.npy"), feats[split])
     filelists.write_filelist(os.path.join(stage, f"{split}.txt"), plan.table.take(plan.rows[split]))
   pixel_scaling = _pixel_scaling(chunks, partial)
   if len(pixel_scaling) > 1:
@@ -492,6 +591,20 @@ def build(config, plan: Plan, workdir: str) -> dict:
   os.replace(stage, target)
   shutil.rmtree(partial)
   counts = ", ".join(f"{k} {v['records']} ({v['patients']} patients)" for k, v in card["splits"].items())
-  logging.info("prepared %s (%s) in %.1f s: %s -> %s", config.data.name, config.data.source,
-               card["prepare_seconds"], counts, target)
+  logging.info("prepared %s (%s) in %.1f s over %d process(es): %s -> %s", config.data.name,
+               config.data.source, card["prepare_seconds"], count, counts, target)
   return card
+
+
+def _share_manifest(stage: str, plan: Plan, split: str, index: int, count: int) -> dict | None:
+  """The manifest process `index` of `count` wrote for its range of a split (None: an empty
+  range), read by process 0."""
+  start, stop = _record_range(len(plan.rows[split]), index, count)
+  if start == stop:
+    return None
+  path = os.path.join(builder.builder_dir(stage), builder.part_name(split, start, stop) + ".json")
+  if not os.path.exists(path):
+    raise UserError(f"{path} is missing: process {index} of {count} did not finish its records of "
+                    f"the {split} split; the workdir must be on a filesystem all processes share")
+  with open(path) as f:
+    return json.load(f)

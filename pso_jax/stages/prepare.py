@@ -17,26 +17,26 @@ from pso_jax.errors import UserError
 
 
 def run(config, workdir: str, **options) -> dict:
-  """The `prepare` stage. Every process validates the input and draws or decodes (and encodes)
-  its share of the chunks (`prepare_plan.compute_share`); process 0 then assembles the dataset
-  from the cached chunks and writes it; the others wait for the result."""
+  """The `prepare` stage. Every process validates the input, then draws or decodes (and encodes)
+  its share of the chunks, computes its share of the raw features and writes its own record
+  files (`prepare_plan.build`, with barriers between the steps); process 0 writes the metadata and
+  card and renames the dataset into place; the others then read the card."""
   del options
   import jax
   finished = stages.done(workdir, "prepare")
   if finished is not None:
     return finished
   plan = prepare_plan.make_plan(config)
-  if jax.process_count() > 1:
+  index, count = jax.process_index(), jax.process_count()
+  sync = prepare_plan.no_sync
+  if count > 1:
     from jax.experimental import multihost_utils
-    prepare_plan.compute_share(config, plan, workdir, jax.process_index(), jax.process_count())
-    multihost_utils.sync_global_devices("pso_jax.stages.prepare.chunks")
-  card = prepare_plan.build(config, plan, workdir) if jax.process_index() == 0 else None
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("pso_jax.stages.prepare")
+    sync = multihost_utils.sync_global_devices
+  card = prepare_plan.build(config, plan, workdir, index, count, sync)
+  sync("pso_jax.stages.prepare")
   if card is None:
     card = stages.done(workdir, "prepare")
     if card is None:
       raise UserError(f"{stages.output_dir(workdir, 'prepare')} is not visible from process "
-                      f"{jax.process_index()}: the workdir must be on a filesystem shared by all "
-                      "processes")
+                      f"{index}: the workdir must be on a filesystem shared by all processes")
   return card
