@@ -1,5 +1,5 @@
 """Benchmarks: `python -m pso_jax.bench NAME [flags]`, NAME in data | train | audit | sample | vae | cnn | pod |
-memory.
+memory | prepare.
 
 Each prints its figures as ratios against a reference measured in the same run (the machine's
 matmul rate, faiss, ...), never as absolute targets.
@@ -17,6 +17,7 @@ BENCHES = {
     "cnn": "pso_jax.bench.cnn",
     "pod": "pso_jax.bench.pod",  # compiled for a TPU slice on this host (needs libtpu)
     "memory": "pso_jax.bench.memory",  # peak RSS per stage at N and 4N, loader vs train step
+    "prepare": "pso_jax.bench.prepare_scaling",  # prepare's wall time over 1, 2, ... processes
 }
 
 
