@@ -15,7 +15,7 @@ import grain
 import numpy as np
 
 from pso_jax import io_utils
-from pso_jax.data import builder
+from pso_jax.data import builder, shard_check
 from pso_jax.data.filelists import ALL_SPLITS
 from pso_jax.errors import UserError
 
@@ -50,7 +50,9 @@ class SplitSource:
 
   def __init__(self, workdir: str, split: str):
     self.workdir, self.split = workdir, split
-    self._source = builder.open_split(_check(workdir, split), split)
+    folder = _check(workdir, split)
+    shard_check.check(folder, split)  # a deleted or cut record file: one UserError, not a traceback
+    self._source = builder.open_split(folder, split)
 
   def __len__(self) -> int:
     return len(self._source)
