@@ -202,6 +202,8 @@ def _recipe():
                                    # patients' images with the same findings (k-anonymous), not
                                    # on their real image's own (0: the reference)
   se.chunk_images = 32             # real images per resumable chunk (all their candidates in memory)
+  se.max_real = 0                  # >0: select for a seeded random subset of this many training
+                                   # images only (a release sampled from a large archive); 0: all
 
   # ---------------------------------------------------------------- audit
   c.audit = a = ml_collections.ConfigDict()

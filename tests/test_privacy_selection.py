@@ -404,3 +404,26 @@ def test_cond_k_is_refused_before_any_work_without_feature_conditions():
   config.model.cond, config.select.cond_k = "pseudo", -1
   with pytest.raises(UserError, match="cond_k=-1 must be an integer >= 0"):
     checks.check_config(config, ["select"])
+
+
+def test_max_real_selects_for_a_seeded_subset_only():
+  """select.max_real: a sorted, duplicate-free random subset (numpy's own draw, same seed), every
+  image when 0 or at least the split; run_chunks samples for those images only, chunk by chunk."""
+  want = np.sort(np.random.default_rng([7, 0x5E1EC7]).choice(18, 6, replace=False))
+  np.testing.assert_array_equal(sel.real_indices(18, 6, 7), want)
+  assert len(set(want)) == 6 and list(want) == sorted(want)
+  assert not np.array_equal(sel.real_indices(18, 6, 8), want)  # the seed moves it
+  for everything in (0, 18, 40):
+    np.testing.assert_array_equal(sel.real_indices(18, everything, 7), np.arange(18))
+  with pytest.raises(UserError, match="max_real=-1 must be >= 0"):
+    sel.real_indices(18, -1, 7)
+  train = toy_train()
+  inputs = make_inputs(train, copying_generator(train, lambda g: 0.3))
+  subset = sel.real_indices(len(train["path"]), 6, 7)
+  seen = []
+  counting = dict(vars(inputs))
+  counting["generate"] = lambda s, c, g: seen.extend(np.asarray(s) // RULE.n_candidates) or \
+      inputs.generate(s, c, g)
+  stats = sel.run_chunks(sel.SelectionInputs(**counting), RULE, "/nonexistent", 4, real=subset)
+  assert len(stats) == 2  # 6 images in chunks of 4
+  assert sorted(set(int(i) % len(train["path"]) for i in seen)) == subset.tolist()

@@ -234,10 +234,20 @@ def chunk_stats(records: list, n_images: int, seconds: float) -> dict:
       retries=retries, skipped=[r for r in indices if r not in kept], seconds=seconds)
 
 
+def real_indices(n_images: int, max_real: int, seed: int) -> np.ndarray:
+  """The training images selection samples for, ascending: all of them, or (0 < max_real <
+  n_images) a random subset of max_real drawn with `seed`."""
+  require(max_real >= 0, f"config.select.max_real={max_real} must be >= 0 (0: every training image)")
+  if not 0 < max_real < n_images:
+    return np.arange(n_images)
+  return np.sort(np.random.default_rng([seed, 0x5E1EC7]).choice(n_images, max_real, replace=False))
+
+
 def run_chunks(inputs: SelectionInputs, rule: SelectionRule, out_dir: str, chunk_images: int, *,
                save: Optional[Callable] = None, stop_after: Optional[int] = None,
-               progress=None) -> list:
-  """Selects chunk by chunk; a chunk with its marker is done and skipped on a rerun.
+               progress=None, real: Optional[np.ndarray] = None) -> list:
+  """Selects chunk by chunk; a chunk with its marker is done and skipped on a rerun. `real`: the
+  training images to select for (`real_indices`; default all), cut into chunks in that order.
 
   `save(index, rank, image)` stores a released image (`data.release.ReleaseWriter.save`: under
   an opaque name, never one derived from the source path); without it (processes other than 0)
@@ -247,7 +257,8 @@ def run_chunks(inputs: SelectionInputs, rule: SelectionRule, out_dir: str, chunk
   resumption). Returns the markers.
   """
   require(chunk_images >= 1, f"config.select.chunk_images={chunk_images} must be >= 1")
-  n_images = len(inputs.paths)
+  real = np.arange(len(inputs.paths)) if real is None else np.asarray(real)
+  n_images = len(real)
   n_chunks = -(-n_images // chunk_images)
   stats, computed = [], 0
   for k in range(n_chunks):
@@ -260,7 +271,7 @@ def run_chunks(inputs: SelectionInputs, rule: SelectionRule, out_dir: str, chunk
     if stop_after is not None and computed >= stop_after:
       break
     start = time.perf_counter()
-    indices = range(k * chunk_images, min((k + 1) * chunk_images, n_images))
+    indices = real[k * chunk_images:(k + 1) * chunk_images].tolist()
     records, chosen = select_images(inputs, rule, indices)
     if save is not None:
       for i, taken in sorted(chosen.items()):

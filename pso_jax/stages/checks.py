@@ -235,6 +235,7 @@ def check_select(config) -> None:
   count(config, "select.chunk_images")
   number(config, "select.guidance_floor", 0)
   count(config, "select.cond_k", low=0)
+  count(config, "select.max_real", low=0, hint=" (0: every training image)")
   require(int(config.select.cond_k) == 0 or config.model.cond == "pseudo",
           f"config.select.cond_k={config.select.cond_k} averages feature conditions, but "
           f"config.model.cond={config.model.cond!r} has none; set --config.select.cond_k=0")

@@ -40,18 +40,19 @@ def run(config, workdir: str, *, stop_after_chunks=None, **options) -> dict:
   selection_workdir.check_same_model(out_dir, loaded.fingerprint, chunk_images)
   writer = release.ReleaseWriter(workdir) if jax.process_index() == 0 else None
   inputs = selection_workdir.build_inputs(config, workdir, train, loaded.generate)
-  with progress.bar(total=len(inputs.paths), desc="select", unit="img") as bar:
+  real = selection.real_indices(len(inputs.paths), int(config.select.max_real), int(config.seed))
+  with progress.bar(total=len(real), desc="select", unit="img") as bar:
     stats = selection.run_chunks(inputs, rule, out_dir, chunk_images,
                                  save=writer.save if writer else None,
-                                 stop_after=stop_after_chunks, progress=bar)
-  n_chunks = -(-len(inputs.paths) // chunk_images)
+                                 stop_after=stop_after_chunks, progress=bar, real=real)
+  n_chunks = -(-len(real) // chunk_images)
   if len(stats) < n_chunks:  # stopped early on request (tests of resumption)
     return dict(chunks_done=len(stats), chunks=n_chunks)
   extra = dict(fingerprint=loaded.fingerprint, image_shape=list(train["image"].shape[1:]),
                steps=int(config.sample.steps), guide=config.sample.guide,
                ema_std=float(config.sample.ema_std),
                evaluations_per_candidate=selection_workdir.selection_evaluations(config, guided))
-  summary = selection.summarise(stats, rule, inputs) | extra
+  summary = selection.summarise(stats, rule, inputs) | extra | dict(real_images=len(real))
   if writer:
     selection_workdir.write_lists(out_dir, inputs, len(stats), writer)
     writer.write_card(release.selection_card(config, summary))
