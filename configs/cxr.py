@@ -413,6 +413,32 @@ def _scale(c):
   return c
 
 
+def _scale_cpu(c):
+  """The scale phantom through every stage of --mode=pipeline on a CPU (about an hour on 2 cores):
+  all 40,400 scans are prepared, streamed, embedded and audited, while the pixel-space generative
+  work at 256 px (about 1 image/s per core for a training step) is cut to what a CPU can do: 40
+  training steps of 8, a 4x4 preview at 4 sampler steps, and selection for 128 training images
+  (select.max_real) with 2 candidates each. It shows the stages run at this size in bounded
+  memory; its model and release are not meant to be useful."""
+  c = _scale(c)
+  c.variant = "scale_cpu"
+  t = c.train
+  t.batch_size = 8
+  t.total_images = 8 * 40
+  t.warmup_images = 8 * 4
+  t.snapshot_images = t.checkpoint_images = 8 * 20
+  t.log_every_steps = 5
+  c.sample.steps = 4
+  c.sample.grid = 4
+  c.sample.batch_size = 16
+  c.select.max_real = 128
+  c.select.n_candidates = 2
+  c.select.max_rounds = 1
+  c.select.chunk_images = 64
+  c.evaluate.bootstrap = 100
+  return c
+
+
 def _reference(c):
   """The reference's DiADM + DSE recipe as it ran (docs/method.md; trichotomy.md §3-5): the
   pseudo-conditioned EDM2-xs on SwAV features (a features file), no condition dropout or other
@@ -457,7 +483,7 @@ def _demo_long(c):
 def get_config(arg: str = ""):
   variants = {"": lambda c: c, "demo": _demo, "tiny": _tiny, "reference": _reference,
               "demo_long": _demo_long,
-              "scale": _scale}
+              "scale": _scale, "scale_cpu": _scale_cpu}
   if arg not in variants:
     raise ValueError(
         f"configs/cxr.py has no variant {arg!r}; use one of "
