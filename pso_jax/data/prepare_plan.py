@@ -518,13 +518,14 @@ def write_share(config, plan: Plan, chunks: list[Chunk], partial: str, stage: st
   folder = builder.builder_dir(stage)
   os.makedirs(folder, exist_ok=True)
   spec, model_config = _record_spec(config, feats), _model_config(config, stats)
+  ranges = {s: _record_range(len(plan.rows[s]), index, count) for s in _written_splits(plan)}
   manifests = []
-  for split in _written_splits(plan):
-    start, stop = _record_range(len(plan.rows[split]), index, count)
-    if stop > start:
-      manifests.append(builder.write_part(
-          folder, spec, split, start, stop,
-          _examples(plan, chunks, partial, split, feats[split], model_config, start, stop)))
+  with progress.bar(total=sum(b - a for a, b in ranges.values()), desc="records", unit="rec") as bar:
+    for split, (start, stop) in ranges.items():
+      if stop > start:
+        examples = _examples(plan, chunks, partial, split, feats[split], model_config, start, stop)
+        manifests.append(builder.write_part(folder, spec, split, start, stop,
+                                            (bar.update(1) or r for r in examples)))
   return manifests
 
 
