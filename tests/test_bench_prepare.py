@@ -29,3 +29,13 @@ def test_one_command_per_process_with_its_id():
     assert "--config.distributed.coordinator_address=127.0.0.1:1234" in cmd
     assert "--config.distributed.num_processes=2" in cmd
     assert f"--config.distributed.process_id={i}" in cmd
+
+
+def test_thread_env_pins_blas_openmp_and_xla():
+  base = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PATH": "/bin"}
+  assert ps.thread_env(base, 0) is base
+  env = ps.thread_env(base, 1)
+  assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+  assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
+                                      "--xla_cpu_multi_thread_eigen=false"]
+  assert base["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"  # not modified

@@ -3,12 +3,16 @@ machine (jax.distributed on 127.0.0.1), as speed-ups over the 1-process run meas
 bench, and a check that every run wrote the same dataset.
 
   nice -n 5 python -m pso_jax.bench prepare [--variant=scale] [--images=4000]
-      [--processes=1,2] [--set=data.image_size=128 ...] [--workdir=DIR] [--repeats=1]
+      [--processes=1,2] [--threads=0] [--set=data.image_size=128 ...] [--workdir=DIR]
+      [--repeats=1]
 
 Every process draws or decodes its share of the chunks, computes its share of the raw features
 and writes its own record files (pso_jax.data.prepare_plan.build); process 0 whitens the features
 and writes the metadata. Target (issue 16): 2 processes >= 1.7x one. The speed-up a machine can
-show is bounded by its free cores: the bench prints the load average before each run.
+show is bounded by its free cores: the bench prints the load average before each run. numpy's BLAS
+(the phantom's interpolation) and XLA use every core by default, so one process may already use
+them all; --threads=1 pins each process to one thread (processes as the only parallelism, one per
+core).
 """
 
 import argparse
@@ -44,6 +48,16 @@ def commands(variant: str, workdir: str, processes: int, overrides: list, port: 
   return [base + [f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                   f"--config.distributed.num_processes={processes}",
                   f"--config.distributed.process_id={i}"] for i in range(processes)]
+
+
+def thread_env(env: dict, threads: int) -> dict:
+  """env with BLAS, OpenMP and XLA's CPU client limited to `threads` (0: left as it is)."""
+  if threads <= 0:
+    return env
+  n = str(threads)
+  flags = f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
+  return dict(env, OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, MKL_NUM_THREADS=n,
+              XLA_FLAGS=(env.get("XLA_FLAGS", "") + " " + flags).strip())
 
 
 def run_group(cmds: list, log_prefix: str, env: dict) -> dict:
@@ -103,6 +117,8 @@ def main(argv):
   parser.add_argument("--images", type=int, default=4000, help="phantom scans, all splits")
   parser.add_argument("--processes", default="1,2")
   parser.add_argument("--repeats", type=int, default=1)
+  parser.add_argument("--threads", type=int, default=0,
+                      help="threads per process for BLAS/OpenMP/XLA (0: their defaults)")
   parser.add_argument("--set", action="append", default=[],
                       help="config override KEY=VALUE (without --config.), repeatable")
   parser.add_argument("--workdir", default="", help="default: a temporary folder, removed after")
@@ -120,10 +136,11 @@ def main(argv):
   images = patients * int(d.phantom.scans_per_patient)
   base = args.workdir or tempfile.mkdtemp(prefix="pso_jax_bench_prepare_")
   os.makedirs(base, exist_ok=True)
-  env = dict(os.environ, PSO_JAX_NO_PROGRESS="1")
+  env = thread_env(dict(os.environ, PSO_JAX_NO_PROGRESS="1"), args.threads)
   print(f"[prepare] {args.variant} {' '.join(args.set)}: {images} phantom scans of "
         f"{d.image_size}x{d.image_size}x{d.channels}, codec {d.image_codec}, chunks of "
-        f"{d.prepare_chunk}; processes {counts}; {os.cpu_count()} CPUs", flush=True)
+        f"{d.prepare_chunk}; processes {counts}; {os.cpu_count()} CPUs; threads per process "
+        f"{args.threads or 'default'}", flush=True)
   seconds = {p: [] for p in counts}
   try:
     for repeat in range(args.repeats):
