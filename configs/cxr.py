@@ -414,27 +414,27 @@ def _scale(c):
 
 
 def _scale_cpu(c):
-  """The scale phantom through every stage of --mode=pipeline on a CPU (about an hour on 2 cores):
-  all 40,400 scans are prepared, streamed, embedded and audited, while the pixel-space generative
-  work at 256 px (about 1 image/s per core for a training step) is cut to what a CPU can do: 40
-  training steps of 8, a 4x4 preview at 4 sampler steps, and selection for 128 training images
-  (select.max_real) with 2 candidates each. It shows the stages run at this size in bounded
-  memory; its model and release are not meant to be useful."""
+  """The scale phantom through every stage of --mode=pipeline on a CPU (about an hour on 2 shared
+  cores): all 40,400 scans are prepared, streamed, embedded and audited, while the pixel-space
+  generative work at 256 px (a training step of 8 images is ~800 GFLOP, 40-90 s on 2 cores) is
+  cut to what a CPU can do: 8 training steps, a 2x2 preview at 2 sampler steps, and selection
+  for 32 training images (select.max_real) with one candidate each. It shows the stages run at
+  this size in bounded memory; its model and release are not meant to be useful."""
   c = _scale(c)
   c.variant = "scale_cpu"
   t = c.train
   t.batch_size = 8
-  t.total_images = 8 * 40
-  t.warmup_images = 8 * 4
-  t.snapshot_images = t.checkpoint_images = 8 * 20
-  t.log_every_steps = 5
-  c.sample.steps = 4
-  c.sample.grid = 4
-  c.sample.batch_size = 16
-  c.select.max_real = 128
-  c.select.n_candidates = 2
+  t.total_images = 8 * 8
+  t.warmup_images = 8 * 2
+  t.snapshot_images = t.checkpoint_images = 8 * 4
+  t.log_every_steps = 2
+  c.sample.steps = 2
+  c.sample.grid = 2
+  c.sample.batch_size = 8
+  c.select.max_real = 32
+  c.select.n_candidates = 1
   c.select.max_rounds = 1
-  c.select.chunk_images = 64
+  c.select.chunk_images = 16
   c.evaluate.bootstrap = 100
   return c
 
