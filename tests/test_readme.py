@@ -84,7 +84,8 @@ def test_every_readme_command_runs_on_tiny(tmp_path):
   assert (tmp_path / "runs" / "demo" / "results.json").exists()
 
 
-@pytest.mark.parametrize("name", ["data", "train", "audit", "sample", "cnn", "vae"])
+@pytest.mark.parametrize("name", ["data", "train", "audit", "sample", "cnn", "vae", "memory",
+                                  "prepare"])
 def test_readme_bench_names_exist(name):
   """The benches the README lists are registered (they run for minutes; not run here)."""
   text = open(README, encoding="utf-8").read()
