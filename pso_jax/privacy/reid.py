@@ -51,38 +51,105 @@ def supcon_loss(z, labels, temperature: float):
 
 # ------------------------------------------------------------------ pairs and calibration
 
-def make_pairs(patients, max_pairs: int, seed: int = 0):
-  """(i, j, same) index pairs over one split: every pair when there are at most `max_pairs`,
-  else every same-patient pair plus uniformly drawn different-patient pairs up to `max_pairs`."""
+PAIR_CHUNK = 1 << 18  # pairs whose indices and gathered embeddings are held at a time
+
+
+def _all_pairs(n: int, chunk: int):
+  """Every (i < j) of n items in np.triu_indices' order, as blocks of whole rows of about `chunk`
+  pairs (one row more when a single row is longer)."""
+  r = 0
+  while r < n - 1:
+    counts = n - 1 - np.arange(r, n - 1)
+    rows = max(1, int(np.searchsorted(np.cumsum(counts), chunk, side="right")))
+    counts = counts[:rows]
+    i = np.repeat(np.arange(r, r + rows), counts)
+    j = i + 1 + np.arange(i.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    yield i, j
+    r += rows
+
+
+def _negative_keys(inverse, n_neg: int, rng, block: int = PAIR_CHUNK) -> np.ndarray:
+  """n_neg different-patient pairs drawn uniformly (2 n_neg draws, the same-patient ones and the
+  repeats dropped), each as one int64 key min * n + max. Sorted, the keys are in the order of the
+  (min, max) columns np.unique(axis=1) gives; kept a block of draws at a time, the pairs'
+  temporaries stay a few blocks instead of four arrays of all draws."""
+  n = len(inverse)
+  draws = rng.integers(0, n, (2, 2 * n_neg))
+  keys = []
+  for s in range(0, draws.shape[1], block):
+    a, b = draws[:, s:s + block]
+    keep = inverse[a] != inverse[b]
+    a, b = a[keep], b[keep]
+    keys.append(np.minimum(a, b) * n + np.maximum(a, b))
+  del draws, a, b
+  key = np.concatenate(keys)
+  del keys
+  key.sort()
+  key = key[np.r_[True, key[1:] != key[:-1]]]  # np.unique's values, without its copy
+  return key[rng.permutation(key.size)[:n_neg]]
+
+
+def _sampled_pairs(inverse, max_pairs: int, seed: int, chunk: int):
+  """Every same-patient pair, then uniformly drawn different-patient pairs up to max_pairs, as
+  blocks (i, j) of about `chunk` pairs."""
+  n = len(inverse)
+  order = np.argsort(inverse, kind="stable")
+  bounds = np.flatnonzero(np.r_[True, inverse[order][1:] != inverse[order][:-1], True])
+  pos_i, pos_j = [], []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):  # every pair within each patient's scans
+    a, b = np.triu_indices(hi - lo, 1)
+    pos_i.append(order[lo:hi][a])
+    pos_j.append(order[lo:hi][b])
+  pos_i, pos_j = np.concatenate(pos_i), np.concatenate(pos_j)
+  key = _negative_keys(inverse, max(max_pairs - len(pos_i), 1), np.random.default_rng(seed))
+  for s in range(0, len(pos_i), chunk):
+    yield pos_i[s:s + chunk], pos_j[s:s + chunk]
+  for s in range(0, len(key), chunk):
+    yield key[s:s + chunk] // n, key[s:s + chunk] % n
+
+
+def pair_chunks(patients, max_pairs: int, seed: int = 0, chunk: int = PAIR_CHUNK):
+  """make_pairs' (i, j, same), in its order, as blocks of about `chunk` pairs: when every pair is
+  taken (the pairs grow as n^2 up to max_pairs) no index array of all pairs is ever built."""
   patients = np.asarray(patients)
   n = len(patients)
   # compared as int codes: string ids gathered for up to max_pairs pairs would take 2 x 32 B each
   _, inverse = np.unique(patients, return_inverse=True)
   if n * (n - 1) // 2 <= max_pairs:
-    i, j = np.triu_indices(n, 1)
-  else:
-    order = np.argsort(inverse, kind="stable")
-    bounds = np.flatnonzero(np.r_[True, inverse[order][1:] != inverse[order][:-1], True])
-    pos_i, pos_j = [], []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):  # every pair within each patient's scans
-      a, b = np.triu_indices(hi - lo, 1)
-      pos_i.append(order[lo:hi][a])
-      pos_j.append(order[lo:hi][b])
-    pos_i, pos_j = np.concatenate(pos_i), np.concatenate(pos_j)
-    n_neg = max(max_pairs - len(pos_i), 1)
-    rng = np.random.default_rng(seed)
-    a, b = rng.integers(0, n, (2, 2 * n_neg))
-    keep = inverse[a] != inverse[b]
-    neg = np.unique(np.stack([np.minimum(a, b)[keep], np.maximum(a, b)[keep]]), axis=1)
-    neg = neg[:, rng.permutation(neg.shape[1])[:n_neg]]
-    i, j = np.concatenate([pos_i, neg[0]]), np.concatenate([pos_j, neg[1]])
-  return i, j, inverse[i] == inverse[j]
+    blocks = _all_pairs(n, chunk)
+  else:  # at most max_pairs plus the positives: bounded whatever n is
+    blocks = _sampled_pairs(inverse, max_pairs, seed, chunk)
+  for i, j in blocks:
+    yield i, j, inverse[i] == inverse[j]
 
 
-def pair_similarities(embeddings, i, j, chunk: int = 1 << 18) -> np.ndarray:
+def make_pairs(patients, max_pairs: int, seed: int = 0):
+  """(i, j, same) index pairs over one split: every pair when there are at most `max_pairs`,
+  else every same-patient pair plus uniformly drawn different-patient pairs up to `max_pairs`."""
+  blocks = list(pair_chunks(patients, max_pairs, seed))
+  if not blocks:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
+  return tuple(np.concatenate(parts) for parts in zip(*blocks))
+
+
+def pair_similarities(embeddings, i, j, chunk: int = PAIR_CHUNK) -> np.ndarray:
   e = np.asarray(embeddings, np.float32)
   return np.concatenate([np.einsum("nd,nd->n", e[i[s:s + chunk]], e[j[s:s + chunk]])
                          for s in range(0, len(i), chunk)] or [np.zeros(0, np.float32)])
+
+
+def pair_table(embeddings, patients, max_pairs: int, seed: int = 0, chunk: int = PAIR_CHUNK):
+  """(sims float32, same bool) of make_pairs' pairs, the same values in the same order, computed a
+  block of pairs at a time: what is held for the split is 5 bytes per pair (at most max_pairs
+  plus the positives), not the 16 more of two int64 indices per pair."""
+  e = np.asarray(embeddings, np.float32)
+  sims, same = [], []
+  for i, j, s in pair_chunks(patients, max_pairs, seed, chunk):
+    sims.append(pair_similarities(e, i, j, chunk))
+    same.append(s)
+  if not sims:
+    return np.zeros(0, np.float32), np.zeros(0, bool)
+  return np.concatenate(sims), np.concatenate(same)
 
 
 TAU_MARGIN = 1e-5  # above float32 summation-order noise of a d <= 2048 dot product
