@@ -144,6 +144,17 @@ def _loader_rate(config, workdir: str, batches: int) -> float:
   return batches * batch / (time.perf_counter() - start)
 
 
+def setup(args, prefix: str):
+  """(config with the --set overrides, the scratch folder, the children's environment) of a bench
+  that runs pso_jax.main children on the phantom."""
+  config = cxr_config(args.variant)
+  for kv in args.set:  # the children get them all; the sizes the bench reports follow them
+    apply_override(config, kv)
+  base = args.workdir or tempfile.mkdtemp(prefix=prefix)
+  os.makedirs(base, exist_ok=True)
+  return config, base, dict(os.environ, PSO_JAX_NO_PROGRESS="1")
+
+
 def main(argv):
   parser = argparse.ArgumentParser(prog="python -m pso_jax.bench memory", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,16 +174,11 @@ def main(argv):
   if unknown or args.images < 1 or args.factor < 2:
     parser.error(f"stages from {STAGES} (got {unknown}), --images >= 1, --factor >= 2")
 
-  config = cxr_config(args.variant)
+  config, base, env = setup(args, "pso_jax_bench_memory_")
   overrides = [f"--config.{kv}" for kv in args.set]
-  for kv in args.set:  # the children get them all; the sizes the bench reports follow them
-    apply_override(config, kv)
   d = config.data
   image_bytes = int(d.image_size) ** 2 * int(d.channels)
   sizes = (args.images, args.images * args.factor)
-  base = args.workdir or tempfile.mkdtemp(prefix="pso_jax_bench_memory_")
-  os.makedirs(base, exist_ok=True)
-  env = dict(os.environ, PSO_JAX_NO_PROGRESS="1")
   print(f"[memory] {args.variant} {' '.join(args.set)}: images {d.image_size}x{d.image_size}x"
         f"{d.channels} ({image_bytes} B), N = {sizes[0]} and {sizes[1]} phantom scans; "
         f"stages {', '.join(stages)}", flush=True)

@@ -22,13 +22,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-from pso_jax.bench import ROOT, cxr_config
-from pso_jax.bench.memory import apply_override, patients_for
+from pso_jax.bench import ROOT
+from pso_jax.bench.memory import patients_for, setup
 
 SPEEDUP_TARGET = 1.7  # 2 processes over 1
 
@@ -127,16 +126,12 @@ def main(argv):
   if not counts or counts[0] != 1 or args.images < 1 or args.repeats < 1:
     parser.error("--processes must include 1 (the reference), --images and --repeats >= 1")
 
-  config = cxr_config(args.variant)
-  for kv in args.set:
-    apply_override(config, kv)
+  config, base, env = setup(args, "pso_jax_bench_prepare_")
+  env = thread_env(env, args.threads)
   d = config.data
   patients = patients_for(args.images, int(d.phantom.scans_per_patient))
   overrides = [f"--config.{kv}" for kv in args.set] + [f"--config.data.phantom.num_patients={patients}"]
   images = patients * int(d.phantom.scans_per_patient)
-  base = args.workdir or tempfile.mkdtemp(prefix="pso_jax_bench_prepare_")
-  os.makedirs(base, exist_ok=True)
-  env = thread_env(dict(os.environ, PSO_JAX_NO_PROGRESS="1"), args.threads)
   print(f"[prepare] {args.variant} {' '.join(args.set)}: {images} phantom scans of "
         f"{d.image_size}x{d.image_size}x{d.channels}, codec {d.image_codec}, chunks of "
         f"{d.prepare_chunk}; processes {counts}; {os.cpu_count()} CPUs; threads per process "
