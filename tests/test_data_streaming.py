@@ -251,3 +251,24 @@ def test_split_pass_over_two_processes_equals_one(workdir, tmp_path):
     T.assert_identical(res["sums"], sums)
     assert res["share"].tolist() == [pid * half, min((pid + 1) * half, len(images))]
     assert 0 < int(res["largest"]) <= half  # its own share only, never the whole split
+
+
+def test_split_pass_in_pieces_with_progress_equals_whole(workdir, monkeypatch):
+  """A pass with a progress bar runs a long share in pieces: the same rows as numpy over the
+  whole column (row-wise fn), each piece decoding only its rows; a short pass runs whole."""
+  column = dataset.load_columns(workdir, "train", keys=("image",))["image"]
+  whole = np.asarray(column[np.arange(len(column))])
+  want = whole.reshape(len(whole), -1).astype(np.float64).sum(1)
+  seen = []
+
+  def row_sums(x):
+    x = np.asarray(x[np.arange(len(x))] if dataset.is_lazy(x) else x)
+    seen.append(len(x))
+    return x.reshape(len(x), -1).astype(np.float64).sum(1)
+  monkeypatch.setattr(pipeline, "PASS_PIECE", 7)
+  got = pipeline.split_pass(row_sums, column, desc="test pass")
+  np.testing.assert_array_equal(got, want)
+  assert seen == [7] * (len(column) // 7) + ([len(column) % 7] if len(column) % 7 else [])
+  seen.clear()
+  np.testing.assert_array_equal(pipeline.split_pass(row_sums, column), want)  # no desc: whole
+  assert seen == [len(column)]

@@ -220,20 +220,41 @@ def process_share(n: int, index: int | None = None, count: int | None = None) ->
   return min(index * share, n), min((index + 1) * share, n)
 
 
-def split_pass(fn, images):
+PASS_PIECE = 16384  # rows per piece of a pass that shows its progress (shorter passes run whole)
+
+
+def _pieces(fn, images, desc: str):
+  """fn over `images` in pieces of PASS_PIECE rows with a progress bar (desc), or whole when they
+  are fewer (so small runs compute exactly as before)."""
+  n = len(images)
+  if not desc or n <= PASS_PIECE:
+    return np.asarray(fn(images))
+  from pso_jax import progress
+  from pso_jax.data import dataset
+  outs = []
+  with progress.bar(total=n, desc=desc, unit="img") as bar:
+    for start in range(0, n, PASS_PIECE):
+      rows = np.arange(start, min(start + PASS_PIECE, n))
+      outs.append(np.asarray(fn(images.subset(rows) if dataset.is_lazy(images) else images[rows])))
+      bar.update(len(rows))
+  return np.concatenate(outs)
+
+
+def split_pass(fn, images, desc: str = ""):
   """fn (row-wise: row i of the output depends on row i of the input only) over all of `images`
   (an array or a lazy column), the work split over the JAX processes: each process runs fn on its
   contiguous share (only those rows are decoded there) and the shares are gathered, so every
-  process returns fn(images) [N, ...]. On one process this is fn(images) itself."""
+  process returns fn(images) [N, ...]. On one process this is fn(images) itself. With `desc`, a
+  process's share of more than PASS_PIECE rows runs in pieces under a progress bar."""
   count, n = jax.process_count(), len(images)
   if count == 1 or n == 0:
-    return np.asarray(fn(images))
+    return _pieces(fn, images, desc)
   from jax.experimental import multihost_utils
   from pso_jax.data import dataset
   share = -(-n // count)
   lo, hi = process_share(n)
   rows = np.arange(lo, hi) if hi > lo else np.array([n - 1])  # an empty share runs one row
-  part = np.asarray(fn(images.subset(rows) if dataset.is_lazy(images) else images[rows]))
+  part = _pieces(fn, images.subset(rows) if dataset.is_lazy(images) else images[rows], desc)
   padded = np.concatenate([part[:hi - lo], np.repeat(part[-1:], share - (hi - lo), axis=0)])
   gathered = np.asarray(multihost_utils.process_allgather(padded, tiled=True))
   sizes = [np.subtract(*process_share(n, p, count)[::-1]) for p in range(count)]

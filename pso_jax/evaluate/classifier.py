@@ -204,7 +204,7 @@ def auroc_on_test(classifier: Classifier, test_images, test_labels, findings, *,
   from pso_jax.evaluate import utility
   labels = check_labels(test_labels, len(test_images), findings, "test set")
   # every test image once, the work split over the processes
-  probs = pipeline.split_pass(classifier.predict, test_images)
+  probs = pipeline.split_pass(classifier.predict, test_images, desc="classifier: test")
   report = utility.utility_report({"model": probs}, labels, findings, resamples=resamples,
                                   seed=seed)
   model = report.pop("models")["model"]

@@ -89,7 +89,7 @@ class FeatureEmbedder:
 
   def __init__(self, config, train_images):
     self.config = config
-    self.raw_train = pipeline.split_pass(self._raw, train_images)
+    self.raw_train = pipeline.split_pass(self._raw, train_images, desc="features: train")
 
   def _raw(self, images) -> np.ndarray:
     return pipeline.in_batches(lambda x: features.raw_features(self.config, x), images)
@@ -156,7 +156,8 @@ def calibrate(config, embedder, val: dict) -> tuple[float, str]:
   """tau at config.reid.target_fpr over different-patient val pairs of this embedding."""
   r = config.reid
   i, j, same = reid.make_pairs(val["patient_id"], int(r.max_pairs), int(config.seed))
-  emb = check_unit_norm("calibration", pipeline.split_pass(embedder.embed, val["image"]))
+  emb = check_unit_norm("calibration", pipeline.split_pass(embedder.embed, val["image"],
+                                                           desc="calibration: val"))
   sims = reid.pair_similarities(emb, i, j)
   tau = reid.tau_at_fpr(sims[~same], float(r.target_fpr))
   return tau, (f"FPR {float(r.target_fpr):g} over {int((~same).sum())} different-patient val "

@@ -70,8 +70,8 @@ def verification_metrics(model: reid.ReidModel, images, patient_ids, *, max_pair
   """Pair AUC with bootstrap CI, and TPR/FPR at tau (calibrated here when tau is None)."""
   # every image embedded once, the work split over the processes (images: array or lazy column);
   # the pairs' similarities then a block at a time: their indices are never held for all pairs
-  sims, same = reid.pair_table(pipeline.split_pass(model.embed, images), patient_ids, max_pairs,
-                               seed)
+  sims, same = reid.pair_table(pipeline.split_pass(model.embed, images, desc="re-id: pairs"),
+                               patient_ids, max_pairs, seed)
   if tau is None:
     tau = reid.calibrate_tau(sims, same, mode, target_fpr)
   return {"tau": tau, **utility.auc_with_ci(sims, same, resamples, seed),

@@ -45,8 +45,8 @@ def spaces(config, attacker_list, train: dict, holdout: dict, n_audited: int, *,
   for atk in attacker_list:
     start = time.time()
     # every image once, the work split over the processes (lazy columns read per batch)
-    emb = {k: attackers_lib.check_unit_norm(atk.name,
-                                            pipeline.split_pass(atk.embedder.embed, x["image"]))
+    emb = {k: attackers_lib.check_unit_norm(atk.name, pipeline.split_pass(
+        atk.embedder.embed, x["image"], desc=f"audit {atk.name}: {k}"))
            for k, x in (("train", train), ("holdout", holdout))}
     seconds = time.time() - start
     ref = audit.reference(config, emb["train"], train["patient_id"], emb["holdout"],
@@ -81,7 +81,8 @@ def audit_release(config, space_list, images, *, source_index=None, clusters=Non
   for sp in space_list:
     atk = sp.attacker
     t0 = time.time()
-    emb = attackers_lib.check_unit_norm(atk.name, pipeline.split_pass(atk.embedder.embed, images))
+    emb = attackers_lib.check_unit_norm(atk.name, pipeline.split_pass(
+        atk.embedder.embed, images, desc=f"audit {atk.name}: released"))
     source_sims = None
     if source_index is not None:
       source_sims = np.einsum("nd,nd->n", emb.astype(np.float64),

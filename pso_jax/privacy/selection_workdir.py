@@ -40,7 +40,7 @@ def build_inputs(config, workdir: str, train: dict, generate) -> selection.Selec
   tau = float(config.audit.tau) if config.audit.tau >= 0 else float(reid.tau)
   images = train["image"]  # an array or a lazy column: the networks read it batch by batch
   # every training image once, the work split over the processes
-  real_embeddings = np.asarray(pipeline.split_pass(reid.embed, images), np.float32)
+  real_embeddings = np.asarray(pipeline.split_pass(reid.embed, images, desc="re-id: train"), np.float32)
   names, patients = np.unique(np.asarray(train["patient_id"]).astype(str), return_inverse=True)
   patients = patients.astype(np.int32)
   a = config.audit
@@ -54,7 +54,8 @@ def build_inputs(config, workdir: str, train: dict, generate) -> selection.Selec
   return selection.SelectionInputs(
       paths=[str(p) for p in train["path"]], labels=np.asarray(train["labels"], np.float32),
       conditions=release_conditions(config, train, patients), real_embeddings=real_embeddings,
-      real_probs=np.asarray(pipeline.split_pass(classifier.predict, images), np.float64),
+      real_probs=np.asarray(pipeline.split_pass(classifier.predict, images, desc="classifier: train"),
+                            np.float64),
       patients=patients,
       patient_names=names, tau=tau, generate=generate, embed=reid.embed,
       predict=classifier.predict, search=search)
