@@ -166,7 +166,8 @@ def _recipe():
   cl.blocks = (1, 1, 1)
   cl.norm = "batch"
   cl.crop_min_scale = 0.08         # random resized crop area in [this, 1] (torchvision default)
-  cl.eval_every = 0                # val loss every this many steps (0: once per epoch)
+  cl.eval_every = 0                # val loss every this many steps (0: once per epoch, or per
+                                   # len(val) / len(train) epochs when val is the larger)
   cl.plateau_patience = 5          # lr x plateau_factor after this many evals without improvement (<0: off)
   cl.plateau_factor = 0.1          # reference: ReduceLROnPlateau(factor 0.1, patience 5) on val loss
   cl.batch_size = 16

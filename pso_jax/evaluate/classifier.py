@@ -160,6 +160,9 @@ def train_classifier(config, train_images, train_labels, val_images, val_labels,
   model = cnn.build_cnn(spec)
   steps = num_steps(section, len(train_images)) if steps is None else int(steps)
   per_epoch = max(1, len(train_images) // section.batch_size)
+  # validation (once per epoch by default) never reads more images than the training it follows:
+  # a release much smaller than the val split would otherwise be validated at every step
+  per_eval = per_epoch * -(-len(val_images) // len(train_images))
   k_init, k_train = jax.random.split(key)
   fitted = supervised.fit(
       model=model, variables=cnn.init_cnn(spec, k_init, section.weights),
@@ -168,7 +171,7 @@ def train_classifier(config, train_images, train_labels, val_images, val_labels,
       sampler=make_sampler(len(train_images), train_labels, section.batch_size, config.seed),
       images=train_images, steps=steps, key=k_train, mesh=parallel.make_mesh(config.mesh), desc="classifier",
       val_fn=make_val_fn(model, spec, val_images, val_labels, 4 * section.batch_size),
-      eval_every=section.eval_every or per_epoch, log_every=max(1, min(50, steps // 10)),
+      eval_every=section.eval_every or per_eval, log_every=max(1, min(50, steps // 10)),
       plateau=(supervised.Plateau(int(section.plateau_patience), float(section.plateau_factor))
                if section.plateau_patience >= 0 else None))
   supervised.save_variables(checkpoint_dir(out_dir, "best"), fitted.best_variables)
