@@ -324,7 +324,10 @@ def _demo(c):
   c.sample.guidance = 1.0
   c.select.guidance_step = 0.0
   c.select.guidance_floor = 1.0
-  c.select.n_candidates = 3
+  # 8 candidates per real image (3 before): the release passes the audit, narrowly (pixels DCR
+  # 0.575 vs control 0.517, Holm-adjusted p > 0.05; 0.592 and a fail with 3), utility unchanged
+  # within its CI (docs/utility_gap.md, run e10)
+  c.select.n_candidates = 8
   c.select.chunk_images = 64
   # k-anonymous conditioning: half the training conditions are the mean features of 4 other
   # patients' images, and candidates are conditioned on such a mean (same findings): the pixels
