@@ -278,8 +278,10 @@ def release_unselected(config, workdir: str) -> dict:
   from pso_jax.data import dataset, release
   from pso_jax.privacy import power, selection, selection_workdir
   start = time.perf_counter()
-  train = dataset.load_arrays(workdir, "train", keys=("image", "labels", "patient_id", "path",
-                                                      "feature"))
+  # the training images stay on disk (a lazy column: the re-id and classifier passes read them a
+  # batch at a time); the unselected release itself, one image per training image, is held
+  train = dataset.load_columns(workdir, "train", keys=("image", "labels", "patient_id", "path",
+                                                       "feature"))
   images = power.unselected_release(config, workdir, train)
   n, g = len(images), float(config.sample.guidance)
   # candidate 0 of image i in round 0 has seed i: the generator hands back the images made above
