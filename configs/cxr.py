@@ -474,7 +474,7 @@ def _reference(c):
 
 def _demo_long(c):
   """The demo at twice the width (32 base channels, ~4x the FLOPs) with its 8 candidates: the best
-  utility measured within an hour on 2 shared CPU cores (docs/utility_gap.md, run e14: about 48
+  utility measured within an hour on 2 shared CPU cores (docs/utility_gap.md, run e14: about 45
   minutes under load; synthetic mean AUROC 0.808, gap -0.089 [-0.104, -0.071]), bought with
   memorisation: its release fails the independent audit (pixels DCR 0.64 vs control 0.52). 1500
   steps at the demo's width did worse on both; two released images per real one lowered utility."""
