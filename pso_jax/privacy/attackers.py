@@ -155,10 +155,10 @@ def check_unit_norm(name: str, embeddings, tolerance: float = 1e-3) -> np.ndarra
 def calibrate(config, embedder, val: dict) -> tuple[float, str]:
   """tau at config.reid.target_fpr over different-patient val pairs of this embedding."""
   r = config.reid
-  i, j, same = reid.make_pairs(val["patient_id"], int(r.max_pairs), int(config.seed))
   emb = check_unit_norm("calibration", pipeline.split_pass(embedder.embed, val["image"],
                                                            desc="calibration: val"))
-  sims = reid.pair_similarities(emb, i, j)
+  # make_pairs' pairs a block at a time: 5 bytes per pair held, not their two int64 indices
+  sims, same = reid.pair_table(emb, val["patient_id"], int(r.max_pairs), int(config.seed))
   tau = reid.tau_at_fpr(sims[~same], float(r.target_fpr))
   return tau, (f"FPR {float(r.target_fpr):g} over {int((~same).sum())} different-patient val "
                "pairs")
