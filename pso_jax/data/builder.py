@@ -50,6 +50,15 @@ def part_name(split: str, start: int, stop: int) -> str:
   return f".{split}.{start:012d}-{stop:012d}"
 
 
+def read_manifest(folder: str, split: str, start: int, stop: int) -> dict | None:
+  """The manifest of a finished part (`write_part`), or None when the part is not finished."""
+  path = os.path.join(folder, part_name(split, start, stop) + ".json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def write_part(folder: str, spec: "RecordSpec", split: str, start: int, stop: int,
                records: Iterator[dict]) -> dict:
   """Streams records [start, stop) of one split into ArrayRecord files of about SHARD_BYTES each,
@@ -58,10 +67,10 @@ def write_part(folder: str, spec: "RecordSpec", split: str, start: int, stop: in
   interrupted prepare resumes per part. Memory holds one record at a time. Returns the manifest."""
   from array_record.python import array_record_module
   from pso_jax import io_utils
+  done = read_manifest(folder, split, start, stop)
+  if done is not None:
+    return done
   base = os.path.join(folder, part_name(split, start, stop))
-  if os.path.exists(base + ".json"):
-    with open(base + ".json") as f:
-      return json.load(f)
   features = spec.features()
   files, lengths, sizes, writer = [], [], [], None
   for record in records:
@@ -114,21 +123,20 @@ def finish(folder: str, spec: "RecordSpec", parts: dict[str, list[dict]]) -> str
   return folder
 
 
-def write(data_dir: str, spec: RecordSpec, examples: dict[str, Callable[[], Iterator[dict]]],
-          lengths: dict[str, int] | None = None) -> str:
+def write(data_dir: str, spec: RecordSpec, examples: dict[str, Callable[[], Iterator[dict]]]) -> str:
   """Writes the splits (record iterators, in record order) as ArrayRecord files under data_dir in
   tfds's layout, so `tfds.builder_from_directory` opens them; returns the builder folder. One
   writer: `write_part` + `finish` are the same in pieces, for several processes.
 
   Each record is serialized and written as it comes: memory does not grow with the split. (tfds's
   own builder collects a split in memory before writing it: with shuffling disabled every record
-  lands in one bucket of its shuffler, read back whole, a split's bytes at once.) `lengths`: the
-  splits' record counts when known (otherwise each split is counted by a first pass)."""
+  lands in one bucket of its shuffler, read back whole, a split's bytes at once.) Each split is
+  counted by a first pass over its iterator (a part is named by its record range)."""
   folder = builder_dir(data_dir)
   os.makedirs(folder, exist_ok=True)
   parts = {}
   for split, make in examples.items():
-    n = lengths[split] if lengths else sum(1 for _ in make())
+    n = sum(1 for _ in make())
     parts[split] = [write_part(folder, spec, split, 0, n, make())]
   return finish(folder, spec, parts)
 

@@ -250,11 +250,15 @@ def is_lazy(x) -> bool:
   return isinstance(x, LazyColumn)
 
 
+def column_rows(column, rows):
+  """The rows `rows` (indices or a bool mask) of a numpy array or a lazy column (a lazy column
+  becomes a view: nothing is read)."""
+  return column.subset(rows) if isinstance(column, LazyColumn) else np.asarray(column)[rows]
+
+
 def take_rows(table: dict, rows) -> dict:
-  """The rows `rows` (indices or a bool mask) of a table whose values are numpy arrays or lazy
-  columns (a column becomes a view: nothing is read)."""
-  return {k: v.subset(rows) if isinstance(v, LazyColumn) else np.asarray(v)[rows]
-          for k, v in table.items()}
+  """The rows `rows` of a table whose values are numpy arrays or lazy columns (`column_rows`)."""
+  return {k: column_rows(v, rows) for k, v in table.items()}
 
 
 def load_table(workdir: str, split: str, keys, *, read_threads: int = 8,

@@ -235,7 +235,7 @@ def _pieces(fn, images, desc: str):
   with progress.bar(total=n, desc=desc, unit="img") as bar:
     for start in range(0, n, PASS_PIECE):
       rows = np.arange(start, min(start + PASS_PIECE, n))
-      outs.append(np.asarray(fn(images.subset(rows) if dataset.is_lazy(images) else images[rows])))
+      outs.append(np.asarray(fn(dataset.column_rows(images, rows))))
       bar.update(len(rows))
   return np.concatenate(outs)
 
@@ -254,7 +254,7 @@ def split_pass(fn, images, desc: str = ""):
   share = -(-n // count)
   lo, hi = process_share(n)
   rows = np.arange(lo, hi) if hi > lo else np.array([n - 1])  # an empty share runs one row
-  part = _pieces(fn, images.subset(rows) if dataset.is_lazy(images) else images[rows], desc)
+  part = _pieces(fn, dataset.column_rows(images, rows), desc)
   padded = np.concatenate([part[:hi - lo], np.repeat(part[-1:], share - (hi - lo), axis=0)])
   gathered = np.asarray(multihost_utils.process_allgather(padded, tiled=True))
   sizes = [np.subtract(*process_share(n, p, count)[::-1]) for p in range(count)]

@@ -227,7 +227,7 @@ def _split_chunks(chunks: list[Chunk], partial: str, split: str, keys=None, star
     pos += len(mine)
     if lo < hi:
       with np.load(_chunk_path(partial, chunk)) as z:
-        keys = keys or [k for k in z.files if not k.startswith("stats_")]  # per record only
+        keys = keys or [name for name in z.files if not name.startswith("stats_")]  # per record
         yield {key: z[key][mine[lo:hi]] for key in keys}
 
 
@@ -603,9 +603,10 @@ def _share_manifest(stage: str, plan: Plan, split: str, index: int, count: int) 
   start, stop = _record_range(len(plan.rows[split]), index, count)
   if start == stop:
     return None
-  path = os.path.join(builder.builder_dir(stage), builder.part_name(split, start, stop) + ".json")
-  if not os.path.exists(path):
-    raise UserError(f"{path} is missing: process {index} of {count} did not finish its records of "
-                    f"the {split} split; the workdir must be on a filesystem all processes share")
-  with open(path) as f:
-    return json.load(f)
+  folder = builder.builder_dir(stage)
+  manifest = builder.read_manifest(folder, split, start, stop)
+  if manifest is None:
+    raise UserError(f"{os.path.join(folder, builder.part_name(split, start, stop))}.json is "
+                    f"missing: process {index} of {count} did not finish its records of the "
+                    f"{split} split; the workdir must be on a filesystem all processes share")
+  return manifest
