@@ -99,6 +99,8 @@ def _recipe():
   r.jitter = 0.05                  # (b) Gaussian noise scale on the unit-norm condition
   r.kanon_k = 0                    # (c) k distinct patients per condition (0 = off)
   r.kanon_prob = 0.5               # share of steps' conditions replaced by the k-anonymous mean
+  r.kanon_match = "any"            # any: the k nearest other patients | findings: among those with
+                                   # the same findings (as select.cond_k's sampling conditions)
 
   # ---------------------------------------------------------------- training
   c.train = t = ml_collections.ConfigDict()

@@ -1,5 +1,6 @@
 """The in-graph diversity regulariser: rates, geometry and the k-anonymous neighbours."""
 
+import os
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -96,3 +97,39 @@ def test_kanon_needs_enough_patients():
   feats = _unit(np.random.default_rng(0), 10, 4)
   with pytest.raises(UserError, match="kanon_k"):
     regulariser.kanon_neighbours(feats, np.array(["a", "b", "c"] * 3 + ["a"]), 3)
+
+
+@pytest.mark.parametrize("match", ["any", "findings"])
+def test_kanon_table_of_the_train_split(tiny_trained_workdir, tmp_path, match):
+  """The training table: per train image, the normalised mean features of its nearest images from
+  k other patients (brute force), among the same findings with kanon_match=findings."""
+  from pso_jax.data.dataset import load_table
+  from pso_jax.diffusion import train_setup
+  config, workdir = tiny_trained_workdir
+  config = config.copy_and_resolve_references()
+  config.regulariser.kanon_k, config.regulariser.kanon_prob = 2, 0.5
+  config.regulariser.kanon_match = match
+  table = train_setup.kanon_table(config, workdir, str(tmp_path))
+  train = load_table(workdir, "train", keys=("feature", "labels", "patient_id"))
+  feats = np.asarray(train["feature"], np.float64)
+  groups = (np.asarray(train["labels"]) > 0.5) @ (1 << np.arange(8))
+  patients = np.asarray(train["patient_id"])
+  n_same_patients = 0
+  for i in range(len(feats)):
+    pool = np.arange(len(feats))
+    same = pool[groups == groups[i]]
+    if match == "findings" and len(set(patients[same]) - {patients[i]}) >= 2:
+      pool = same
+      n_same_patients += 1
+    picked, seen = [], {patients[i]}
+    for j in sorted(pool, key=lambda j: -feats[i] @ feats[j]):
+      if patients[j] not in seen:
+        picked.append(j)
+        seen.add(patients[j])
+    mean = feats[picked[:2]].mean(0)
+    np.testing.assert_allclose(table[i], mean / np.linalg.norm(mean), atol=1e-5)
+  assert match == "any" or n_same_patients > len(feats) // 2  # the findings pools were used
+  assert os.path.exists(tmp_path / f"kanon_neighbours_k2{'_findings' * (match == 'findings')}.npy")
+  config.regulariser.kanon_match = "labels"
+  with pytest.raises(UserError, match="kanon_match"):
+    train_setup.check_config(config)

@@ -4,7 +4,8 @@ Applied inside the jitted train step, from that step's PRNG key, to the whole gl
 it is split into micro-batches (so the draws do not depend on device count or accumulation):
   (c) k-anonymous conditioning: with probability kanon_prob a condition is replaced by the
       normalised mean of the conditions of its k nearest training images from k distinct other
-      patients (neighbours found once, before training, by `kanon_neighbours`);
+      patients (neighbours found once, before training, by `kanon_neighbours`; with
+      kanon_match="findings" among the images with the same findings, as selection's cond_k);
   (b) jitter: c <- normalise(c + s * n / sqrt(d)), n ~ N(0, I_d), so s is the size of the noise
       relative to the unit-norm condition whatever the dimension d (an angle of about s rad);
   (a) dropout: with probability p the condition becomes the null condition (all zeros), so the
@@ -94,6 +95,27 @@ def kanon_neighbours(features, patient_ids, k: int, *, block: int = 1024) -> np.
   pick = valid & (np.cumsum(valid, axis=1) <= k)
   assert (pick.sum(1) == k).all()
   return cand[pick].reshape(len(features), k)
+
+
+def kanon_neighbours_by_findings(features, labels, patient_ids, k: int) -> np.ndarray:
+  """[N, k] indices as `kanon_neighbours`, searched among the images with the same findings (any
+  findings for a finding set fewer than k + 1 patients share): the mean then keeps the findings
+  of the image it stands for while naming none of its patients."""
+  features = np.asarray(features, np.float32)
+  patients = np.asarray(patient_ids)
+  _, group = np.unique(np.asarray(labels) > 0.5, axis=0, return_inverse=True)
+  group = group.reshape(-1)
+  neighbours = np.empty((len(features), k), np.int64)
+  anyone = None
+  for g in np.unique(group):
+    rows = np.flatnonzero(group == g)
+    if len(np.unique(patients[rows])) > k:
+      neighbours[rows] = rows[kanon_neighbours(features[rows], patients[rows], k)]
+    else:
+      if anyone is None:
+        anyone = kanon_neighbours(features, patients, k)
+      neighbours[rows] = anyone[rows]
+  return neighbours
 
 
 def kanon_conditions(features, neighbours) -> np.ndarray:

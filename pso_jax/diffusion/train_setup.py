@@ -17,6 +17,9 @@ from pso_jax.errors import UserError, require
 from pso_jax.models import presets
 
 
+KANON_MATCH = ("any", "findings")  # regulariser.kanon_match: where k-anonymous neighbours are sought
+
+
 def keys(config):
   """(init key, train key): fixed by the seed, independent of devices and processes."""
   root = jax.random.fold_in(jax.random.key(int(config.seed)), 0x7EA1)
@@ -33,6 +36,8 @@ def check_config(config) -> None:
   require(0 <= r.cond_dropout < 1, f"config.regulariser.cond_dropout={r.cond_dropout} must be in [0, 1)")
   require(r.jitter >= 0, f"config.regulariser.jitter={r.jitter} must be >= 0")
   require(0 <= r.kanon_prob <= 1, f"config.regulariser.kanon_prob={r.kanon_prob} must be in [0, 1]")
+  require(r.kanon_match in KANON_MATCH, f"config.regulariser.kanon_match={r.kanon_match!r} must be "
+          f"one of {KANON_MATCH}")
   require(r.kanon_k >= 0, f"config.regulariser.kanon_k={r.kanon_k} must be >= 0 (0 = off)")
   require(t.nan_patience >= 1, f"config.train.nan_patience={t.nan_patience} must be >= 1")
   require(len(t.ema_stds) >= 1, "config.train.ema_stds needs at least one EMA width, e.g. (0.05, 0.10)")
@@ -49,16 +54,20 @@ def kanon_table(config, workdir: str, out_dir: str):
     return None
   from pso_jax.data.dataset import load_table
   k = int(config.regulariser.kanon_k)
+  by_findings = config.regulariser.kanon_match == "findings"
   cond_key = "feature" if config.model.cond == "pseudo" else "labels"
   # the condition table is resident (N x d); the images are dropped as the records stream past
-  arrays = load_table(workdir, "train", keys=tuple({"feature", cond_key, "patient_id"}))
-  path = os.path.join(out_dir, f"kanon_neighbours_k{k}.npy")
+  arrays = load_table(workdir, "train", keys=tuple({"feature", "labels", cond_key, "patient_id"}))
+  path = os.path.join(out_dir, f"kanon_neighbours_k{k}{'_findings' * by_findings}.npy")
   if os.path.exists(path):
     neighbours = np.load(path)
+  elif by_findings:
+    neighbours = regulariser.kanon_neighbours_by_findings(
+        arrays["feature"], arrays["labels"], arrays["patient_id"], k)
   else:
     neighbours = regulariser.kanon_neighbours(arrays["feature"], arrays["patient_id"], k)
-    if jax.process_index() == 0:
-      io_utils.write_npy(path, neighbours)
+  if not os.path.exists(path) and jax.process_index() == 0:
+    io_utils.write_npy(path, neighbours)
   require(len(neighbours) == len(arrays["feature"]),
           f"{path} was computed for another train split; delete it and rerun")
   return regulariser.kanon_conditions(arrays[cond_key], neighbours)

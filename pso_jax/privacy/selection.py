@@ -107,18 +107,7 @@ def anonymous_conditions(conditions, labels, patients, k: int) -> np.ndarray:
   require(conditions.ndim == 2 and conditions.shape[1] > 0,
           "config.select.cond_k > 0 needs feature conditions (config.model.cond='pseudo'); set "
           "--config.select.cond_k=0 for class-conditional or unconditional models")
-  _, group = np.unique(np.asarray(labels) > 0.5, axis=0, return_inverse=True)
-  group = group.reshape(-1)
-  neighbours = np.empty((len(conditions), k), np.int64)
-  anyone = None
-  for g in np.unique(group):
-    rows = np.flatnonzero(group == g)
-    if len(np.unique(patients[rows])) > k:
-      neighbours[rows] = rows[regulariser.kanon_neighbours(conditions[rows], patients[rows], k)]
-    else:
-      if anyone is None:
-        anyone = regulariser.kanon_neighbours(conditions, patients, k)
-      neighbours[rows] = anyone[rows]
+  neighbours = regulariser.kanon_neighbours_by_findings(conditions, labels, patients, k)
   return regulariser.kanon_conditions(conditions, neighbours)
 
 
