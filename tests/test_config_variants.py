@@ -192,3 +192,22 @@ def test_the_ablation_without_unguided_sampling_is_refused_before_any_work(tmp_p
   assert "--config.sample.guidance=1 --config.select.guidance_step=0" in errors[0]
   assert "--config.sample.guide=separate" in errors[0]
   assert not os.path.exists(workdir) or os.listdir(workdir) == []
+
+
+@pytest.mark.parametrize("variant", ["demo", "demo_long", "tiny", "scale", "scale_cpu"])
+def test_every_phantom_variant_passes_every_stage_check(variant):
+  """A shipped variant that a stage would refuse (e.g. k-anonymous sampling conditions on a
+  class-conditional model) is caught here, not minutes into a user's run."""
+  checks.check_config(load_config(variant), STAGE_CHECKS)
+
+
+def test_demo_long_is_the_guided_class_conditional_run():
+  """demo_long is run e22 of docs/utility_gap.md: the demo with these fields changed, no others."""
+  demo, long = load_config("demo"), load_config("demo_long")
+  changed = {"model.cond": "class", "model.dropout": 0.1, "regulariser.kanon_k": 0,
+             "select.cond_k": 0, "train.total_images": 32 * 1500, "sample.guidance": 2.0,
+             "select.guidance_floor": 1.0}
+  assert long.variant == "demo_long"
+  _set(demo, changed)
+  demo.variant = "demo_long"
+  assert demo.to_dict() == long.to_dict()
