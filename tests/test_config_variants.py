@@ -202,10 +202,10 @@ def test_every_phantom_variant_passes_every_stage_check(variant):
 
 
 def test_demo_long_is_the_guided_class_conditional_run():
-  """demo_long is run e26 of docs/utility_gap.md: the demo with these fields changed, no others."""
+  """demo_long is run e27 of docs/utility_gap.md: the demo with these fields changed, no others."""
   demo, long = load_config("demo"), load_config("demo_long")
   changed = {"model.cond": "class", "model.dropout": 0.1, "regulariser.kanon_k": 0,
-             "select.cond_k": 0, "train.total_images": 32 * 1500, "sample.guidance": 2.0,
+             "select.cond_k": 0, "train.total_images": 32 * 1000, "sample.guidance": 2.0,
              "select.guidance_floor": 1.0, "audit.tau": 0.75}
   assert long.variant == "demo_long"
   _set(demo, changed)
