@@ -57,17 +57,19 @@ def kanon_table(config, workdir: str, out_dir: str):
   by_findings = config.regulariser.kanon_match == "findings"
   cond_key = "feature" if config.model.cond == "pseudo" else "labels"
   # the condition table is resident (N x d); the images are dropped as the records stream past
-  arrays = load_table(workdir, "train", keys=tuple({"feature", "labels", cond_key, "patient_id"}))
+  keys = {"feature", cond_key, "patient_id"} | ({"labels"} if by_findings else set())
+  arrays = load_table(workdir, "train", keys=tuple(keys))
   path = os.path.join(out_dir, f"kanon_neighbours_k{k}{'_findings' * by_findings}.npy")
   if os.path.exists(path):
     neighbours = np.load(path)
-  elif by_findings:
-    neighbours = regulariser.kanon_neighbours_by_findings(
-        arrays["feature"], arrays["labels"], arrays["patient_id"], k)
   else:
-    neighbours = regulariser.kanon_neighbours(arrays["feature"], arrays["patient_id"], k)
-  if not os.path.exists(path) and jax.process_index() == 0:
-    io_utils.write_npy(path, neighbours)
+    if by_findings:
+      neighbours = regulariser.kanon_neighbours_by_findings(
+          arrays["feature"], arrays["labels"], arrays["patient_id"], k)
+    else:
+      neighbours = regulariser.kanon_neighbours(arrays["feature"], arrays["patient_id"], k)
+    if jax.process_index() == 0:
+      io_utils.write_npy(path, neighbours)
   require(len(neighbours) == len(arrays["feature"]),
           f"{path} was computed for another train split; delete it and rerun")
   return regulariser.kanon_conditions(arrays[cond_key], neighbours)
