@@ -21,8 +21,9 @@ def edm_weight(sigma: jax.Array, sigma_data: float) -> jax.Array:
   return (jnp.square(sigma) + sigma_data ** 2) / jnp.square(sigma * sigma_data)
 
 
-def edm2_loss(model, variables, x, cond, key, config, *, train: bool = True):
-  """(scalar loss, aux) for clean inputs x [B,H,W,C] (model space) and conditions [B, d] or None.
+def edm2_loss(model, variables, x, cond, key, config, *, train: bool = True, augment_labels=None):
+  """(scalar loss, aux) for clean inputs x [B,H,W,C] (model space) and conditions [B, d] or None
+  (`augment_labels` [B, 3]: how x was augmented, for a model with augmentation labels).
 
   `key` draws sigma and noise (first split) and dropout (second split). aux holds fp32 scalars:
   `loss`, `denoise_loss` (the weighted error without the uncertainty terms, per-image sum averaged
@@ -32,7 +33,7 @@ def edm2_loss(model, variables, x, cond, key, config, *, train: bool = True):
   x = x.astype(jnp.float32)
   sigma, noise = sample_sigma_and_noise(key_noise, x.shape, config)
   denoised, logvar = model.apply(variables, x + noise, sigma, cond, train=train,
-                                 rngs={"dropout": key_dropout})
+                                 augment_labels=augment_labels, rngs={"dropout": key_dropout})
   per_image = lambda v: v[:, None, None, None]
   weighted = per_image(edm_weight(sigma, config.model.sigma_data)) * jnp.square(denoised - x)
   elements = weighted / per_image(jnp.exp(logvar)) + per_image(logvar)

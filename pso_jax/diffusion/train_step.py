@@ -1,7 +1,8 @@
 """The train state and one pure, jitted train step of the EDM2 diffusion model.
 
 train_step(state, batch, key) -> (state, metrics):
-  conditions regularised (diffusion/regulariser.py) -> EDM2 loss and gradient, accumulated over
+  conditions regularised (diffusion/regulariser.py) -> images augmented with their labels when
+  train.augment_p > 0 (diffusion/augment.py) -> EDM2 loss and gradient, accumulated over
   `grad_accum` micro-batches with lax.scan -> non-finite gradients zeroed -> Adam -> forced weight
   normalisation of the MP weights -> power-function EMA update.
 
@@ -18,11 +19,12 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from pso_jax.diffusion import augment
 from pso_jax.diffusion import ema as ema_lib
 from pso_jax.diffusion import regulariser
 from pso_jax.diffusion.loss import edm2_loss
 from pso_jax.models.mp_layers import project_mp_weights
-from pso_jax.models.presets import init_variables
+from pso_jax.models import presets
 from pso_jax import parallel
 from pso_jax.diffusion import optim
 
@@ -38,7 +40,7 @@ class TrainState:
 
 def init_state(model, config, key) -> TrainState:
   """Pure in `key`: jit it with out_shardings to create the state directly sharded."""
-  variables = dict(init_variables(model, key, config))
+  variables = dict(presets.init_variables(model, key, config))
   params = variables.pop("params")
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optim.make_optimizer(config.train).init(params),
@@ -62,13 +64,20 @@ def make_train_step(model, config):
   stds = tuple(config.train.ema_stds)
   batch_size = int(config.train.batch_size)
   accum = int(config.train.grad_accum)
+  augment_p = float(config.train.augment_p)
+  shift = augment.max_shift(config.train, presets.model_input_shape(config)[0])
 
   def mean_loss(params, constants, x, cond, keys):
     variables = {"params": params, **constants}
 
     def one_image(x1, c1, k1):  # per-image keys: draws independent of the batch layout
       c1 = None if c1 is None else c1[None]
-      return edm2_loss(model, variables, x1[None], c1, k1, config, train=True)
+      labels = None
+      if augment_p > 0:  # its own key folded from the image's, so the loss draws are unchanged
+        x1, labels = augment.augment_one(x1, jax.random.fold_in(k1, 1), augment_p, shift)
+        labels = labels[None]
+      return edm2_loss(model, variables, x1[None], c1, k1, config, train=True,
+                       augment_labels=labels)
     losses, aux = jax.vmap(one_image)(x, cond, keys)
     return jnp.mean(losses), jax.tree.map(jnp.mean, aux)
 

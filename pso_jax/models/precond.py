@@ -28,11 +28,13 @@ def precond_coefficients(sigma: jax.Array, sigma_data: float):
 class Precond(nn.Module):
   """Denoiser D and log-variance u(sigma) of EDM2.
 
-  `__call__(x, sigma, cond, *, train) -> (D [B,H,W,C] fp32, logvar [B] fp32)`; `cond` is
-  [B, cond_dim] or None (the null condition, zeros, which is also what an all-zero row means).
+  `__call__(x, sigma, cond, *, train, augment_labels) -> (D [B,H,W,C] fp32, logvar [B] fp32)`;
+  `cond` is [B, cond_dim] or None (the null condition, zeros, which is also what an all-zero row
+  means); `augment_labels` [B, augment_dim] or None (unaugmented) when augment_dim > 0.
   """
   img_channels: int
   cond_dim: int = 0
+  augment_dim: int = 0
   model_channels: int = 128
   channel_mult: Sequence[int] = (1, 2, 3, 4)
   num_blocks: int = 3
@@ -45,7 +47,7 @@ class Precond(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, sigma: jax.Array, cond: Optional[jax.Array] = None, *,
-               train: bool = False):
+               train: bool = False, augment_labels: Optional[jax.Array] = None):
     x = x.astype(jnp.float32)
     batch = x.shape[0]
     sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32).reshape(-1), (batch,))
@@ -62,10 +64,12 @@ class Precond(nn.Module):
     per_image = lambda c: c[:, None, None, None]
 
     unet = UNet(img_channels=self.img_channels, label_dim=self.cond_dim,
+                augment_dim=self.augment_dim,
                 model_channels=self.model_channels, channel_mult=tuple(self.channel_mult),
                 num_blocks=self.num_blocks, attn_levels=tuple(self.attn_levels),
                 channels_per_head=self.channels_per_head, dropout=self.dropout, name="unet")
-    f = unet((per_image(c_in) * x).astype(DTYPES[self.dtype]), c_noise, cond, train=train)
+    f = unet((per_image(c_in) * x).astype(DTYPES[self.dtype]), c_noise, cond, train=train,
+             augment_labels=augment_labels)
     d = per_image(c_skip) * x + per_image(c_out) * f.astype(jnp.float32)
 
     fourier = MPFourier(self.logvar_channels, name="logvar_fourier")(c_noise)

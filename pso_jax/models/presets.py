@@ -18,6 +18,7 @@ from pso_jax.models.precond import DTYPES, Precond
 
 LATENT_CHANNELS = {"sd_vae": 4}   # channels of each latent kind; identity keeps the pixels'
 LATENT_DOWNSAMPLE = {"sd_vae": 8}
+AUGMENT_LABEL_DIM = 3             # training augmentation label: flip, dy, dx (diffusion/augment.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +80,8 @@ def cond_dim(config) -> int:
 
 
 def build_model(config) -> Precond:
-  """The EDM2 denoiser for `config` (preset, condition, activation dtype, dropout)."""
+  """The EDM2 denoiser for `config` (preset, condition, activation dtype, dropout, augmentation
+  labels when config.train.augment_p > 0)."""
   preset = get_preset(config)
   h, w, c = model_input_shape(config)
   levels = len(preset.channel_mult)
@@ -92,7 +94,9 @@ def build_model(config) -> Precond:
   dropout = preset.dropout if config.model.dropout < 0 else float(config.model.dropout)
   channels = int(config.model.channels) if config.model.channels > 0 else preset.model_channels
   attn_levels = tuple(int(math.log2(d)) for d in preset.attn_divisors if d & (d - 1) == 0)
-  return Precond(img_channels=c, cond_dim=cond_dim(config), model_channels=channels,
+  augment_dim = AUGMENT_LABEL_DIM if float(config.train.augment_p) > 0 else 0
+  return Precond(img_channels=c, cond_dim=cond_dim(config), augment_dim=augment_dim,
+                 model_channels=channels,
                  channel_mult=preset.channel_mult, num_blocks=preset.num_blocks,
                  attn_levels=attn_levels, channels_per_head=preset.channels_per_head,
                  dropout=dropout, sigma_data=float(config.model.sigma_data),

@@ -84,9 +84,14 @@ class Block(nn.Module):
 
 
 class UNet(nn.Module):
-  """F(x, c_noise, labels) of EDM2: x [B,H,W,C] in `dtype`, c_noise [B], labels [B, label_dim] or None."""
+  """F(x, c_noise, labels) of EDM2: x [B,H,W,C] in `dtype`, c_noise [B], labels [B, label_dim] or None.
+
+  With `augment_dim` > 0 the embedding also takes training augmentation labels [B, augment_dim]
+  (diffusion/augment.py; None: zeros, the unaugmented images sampling asks for).
+  """
   img_channels: int
   label_dim: int = 0
+  augment_dim: int = 0
   model_channels: int = 128
   channel_mult: Sequence[int] = (1, 2, 3, 4)
   num_blocks: int = 3
@@ -94,6 +99,7 @@ class UNet(nn.Module):
   channels_per_head: int = 64
   dropout: float = 0.0
   label_balance: float = 0.5
+  augment_balance: float = 0.5
   concat_balance: float = 0.5
   res_balance: float = 0.3
   attn_balance: float = 0.3
@@ -108,7 +114,7 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, c_noise: jax.Array, labels: Optional[jax.Array],
-               train: bool = False) -> jax.Array:
+               train: bool = False, augment_labels: Optional[jax.Array] = None) -> jax.Array:
     cblock = [self.model_channels * m for m in self.channel_mult]
     cnoise, cemb = cblock[0], max(cblock)
     size = x.shape[1]
@@ -118,6 +124,11 @@ class UNet(nn.Module):
     if self.label_dim:
       label = labels.astype(jnp.float32) * math.sqrt(labels.shape[-1])
       emb = mp_sum(emb, MPConv(cemb, name="emb_label")(label), t=self.label_balance)
+    if self.augment_dim:
+      if augment_labels is None:
+        augment_labels = jnp.zeros((x.shape[0], self.augment_dim), jnp.float32)
+      aug = MPConv(cemb, name="emb_augment")(augment_labels.astype(jnp.float32))
+      emb = mp_sum(emb, aug, t=self.augment_balance)
     emb = mp_silu(emb)
 
     # Encoder; a constant ones channel lets the first conv see the image border.

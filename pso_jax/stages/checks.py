@@ -127,6 +127,9 @@ def check_train(config) -> None:
   number(config, "model.sigma_data", 0, low_open=True)
   number(config, "diffusion.p_std", 0, low_open=True)
   number(config, "diffusion.p_mean")
+  number(config, "train.augment_p", 0, 1, high_open=True, hint=" (0 = off; EDM used 0.12 on CIFAR-10)")
+  number(config, "train.augment_shift", 0, 0.5, low_open=True, high_open=True,
+         hint=" (a share of the image side, e.g. 0.125)")
   train_setup.check_config(config)
   presets.build_model(config)  # preset, input size, dtype
   _regulariser_fits_the_model(config)
