@@ -58,11 +58,14 @@ class Method:
   what: str
   guided_by: str = ""       # the method whose model guides this one (sample.guide=separate)
   autoguidance: bool = False  # guided by an early checkpoint of its own training
+  shows: tuple = ()         # fields it takes from the run's config, listed beside its overrides
 
 
 _REFERENCE = (("regulariser.enabled", False),  # no condition dropout, jitter or k-anonymity
               ("select.cond_k", 0),            # candidates conditioned on their own image
-              ("sample.ema_std", 0.0))         # the reference sampled the raw weights
+              ("sample.ema_std", 0.0),         # the reference sampled the raw weights
+              ("model.dropout", -1.0),         # the preset's dropout (xs: none)
+              ("train.augment_p", 0.0))        # no training augmentation
 _SEPARATE = (("sample.guide", "separate"), ("sample.guidance", REFERENCE_GUIDANCE))
 
 METHODS = (
@@ -86,9 +89,12 @@ METHODS = (
            f"pseudo-conditioned, no condition dropout; guided by its own checkpoint at about "
            f"{AUTOGUIDANCE_FRACTION:.0%} of training (config.compare.autoguidance_step) at g = "
            f"{REFERENCE_GUIDANCE}; raw weights", autoguidance=True),
-    Method("ours", "DiADM + diversity regulariser (ours)", (),
-           "the config's own settings: condition dropout, jitter (and k-anonymity when "
-           "configured), guided by the null condition, EMA weights"),
+    Method("ours", "Ours (the config's recipe)", (),
+           "the config's own settings: its condition (pseudo-features or findings), the diversity "
+           "regulariser (condition dropout, jitter, k-anonymity when configured), dropout and "
+           "augmentation when configured, guided by the null condition, EMA weights",
+           shows=("model.cond", "model.dropout", "regulariser.cond_dropout", "regulariser.kanon_k",
+                  "train.augment_p", "sample.guidance", "select.n_candidates")),
 )
 _BY_NAME = {m.name: m for m in METHODS}
 UNCONDITIONAL = "edm2_uncond"
@@ -189,9 +195,9 @@ def method_config(config, method: Method, workdir: str):
 
 
 def overrides(method: Method, config, sub_config) -> dict:
-  """The fields `method` sets on the run's `config`, with their values in its `sub_config` (the
-  guide's folder and step included)."""
-  fields = [f for f, _ in method.overrides]
+  """The fields `method` sets on the run's `config` and those it shows, with their values in its
+  `sub_config` (the guide's folder and step included)."""
+  fields = [f for f, _ in method.overrides] + list(method.shows)
   fields += ["sample.guide_workdir"] * bool(guide_of(method, config))
   fields += ["sample.guide_step"] * method.autoguidance
   return {f: workdir_lib.config_field(sub_config, f) for f in fields}
