@@ -136,8 +136,8 @@ def test_train_alone_refuses_only_what_train_can_know():
 
 def test_the_kanon_bound_is_the_split_s_own_train_patient_count():
   """The check's count for the phantom equals what the patient split gives (tiny: 40 patients,
-  80% train; demo: 420 after its 100 attacker patients, 45% train)."""
-  for variant in ("tiny", "demo"):
+  80% train; demo_pseudo: 420 after its 100 attacker patients, 45% train)."""
+  for variant in ("tiny", "demo_pseudo"):
     c = load_config(variant)
     ids = np.arange(c.data.phantom.num_patients)
     n = len(filelists.split_patients(ids, c.data.split_fractions, c.data.split_seed,
@@ -194,20 +194,30 @@ def test_the_ablation_without_unguided_sampling_is_refused_before_any_work(tmp_p
   assert not os.path.exists(workdir) or os.listdir(workdir) == []
 
 
-@pytest.mark.parametrize("variant", ["demo", "demo_long", "tiny", "scale", "scale_cpu"])
+@pytest.mark.parametrize("variant", ["demo", "demo_long", "demo_pseudo", "tiny", "scale",
+                                     "scale_cpu"])
 def test_every_phantom_variant_passes_every_stage_check(variant):
   """A shipped variant that a stage would refuse (e.g. k-anonymous sampling conditions on a
   class-conditional model) is caught here, not minutes into a user's run."""
   checks.check_config(load_config(variant), STAGE_CHECKS)
 
 
-def test_demo_long_is_the_guided_class_conditional_run():
-  """demo_long is run e27 of docs/utility_gap.md: the demo with these fields changed, no others."""
-  demo, long = load_config("demo"), load_config("demo_long")
-  changed = {"model.cond": "class", "model.dropout": 0.1, "regulariser.kanon_k": 0,
-             "select.cond_k": 0, "train.total_images": 32 * 1000, "sample.guidance": 2.0,
-             "select.guidance_floor": 1.0, "audit.tau": 0.75}
-  assert long.variant == "demo_long"
-  _set(demo, changed)
-  demo.variant = "demo_long"
-  assert demo.to_dict() == long.to_dict()
+def _differs_only_in(base: str, variant: str, changed: dict):
+  want, got = _set(load_config(base), changed), load_config(variant)
+  assert got.variant == variant
+  want.variant = variant
+  assert want.to_dict() == got.to_dict()
+
+
+def test_demo_is_the_guided_class_conditional_run():
+  """demo is run e28 of docs/utility_gap.md: demo_pseudo (the e10 demo) with these fields
+  changed, no others."""
+  _differs_only_in("demo_pseudo", "demo", {
+      "model.cond": "class", "model.dropout": 0.1, "regulariser.kanon_k": 0, "select.cond_k": 0,
+      "train.total_images": 32 * 1500, "sample.guidance": 2.0, "select.guidance_floor": 1.0,
+      "select.n_candidates": 4, "audit.tau": 0.75})
+
+
+def test_demo_long_is_the_demo_trained_longer():
+  """demo_long is run e34 of docs/utility_gap.md: the demo with these fields changed, no others."""
+  _differs_only_in("demo", "demo_long", {"train.total_images": 32 * 4000, "train.augment_p": 0.3})
