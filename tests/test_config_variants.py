@@ -168,14 +168,24 @@ def _readme_overrides(argv):
   return mode, overrides
 
 
-def test_every_readme_command_passes_the_config_checks_on_tiny():
+def _readme_variant(argv) -> str:
+  """The variant a README command names (`--config=configs/cxr.py:demo` -> "demo")."""
+  (path,) = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  return path.partition(":")[2]
+
+
+def test_every_readme_command_passes_the_config_checks_on_tiny_and_its_own_variant():
+  """test_readme runs the commands on tiny (pseudo-conditioned); the variant a command names may
+  differ in what a check refuses (demo is class-conditional), so both are checked."""
   from pso_jax.main import modes_of
   text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
   commands = [c for c in test_readme.pso_jax_main_commands(text) if not test_readme.needs_user_data(c)]
   assert any("--config.regulariser.enabled=False" in c for c in commands)
+  assert {_readme_variant(c) for c in commands} >= {"demo", "scale_cpu"}
   for argv in commands:
     mode, overrides = _readme_overrides(argv)
-    checks.check_config(_set(load_config("tiny"), overrides), modes_of(mode))
+    for variant in ("tiny", _readme_variant(argv)):
+      checks.check_config(_set(load_config(variant), overrides), modes_of(mode))
 
 
 def test_the_ablation_without_unguided_sampling_is_refused_before_any_work(tmp_path):
