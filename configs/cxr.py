@@ -5,7 +5,7 @@
 the diversity regulariser and the model's own null condition as guide.
 `get_config("reference")` is the reference's own DiADM recipe exactly (no regulariser, a separate
 unconditional guide, raw weights, 80 Mi images; docs/method.md §3.2).
-`get_config("demo")` runs the whole pipeline on the embedded phantom dataset in about 15 minutes on
+`get_config("demo")` runs the whole pipeline on the embedded phantom dataset in about 17 minutes on
 2 CPU cores, conditioned on the findings (the best utility measured at that size whose release
 passes the audit); `get_config("demo_pseudo")` is the same data with the pseudo-conditioned method
 (6 minutes), `get_config("demo_long")` the demo trained longer, `get_config("tiny")` the pseudo-
@@ -363,8 +363,9 @@ def _demo(c):
   guide, sampled at guidance 2; dropout 0.1; 1500 steps; 4 candidates per real image; selection
   rejects every candidate its re-id model puts above 0.75 against any training patient
   (calibrated: ~0.85). Synthetic mean AUROC 0.866 vs 0.897 real, gap -0.031 [-0.044, -0.015];
-  the release passes the independent audit (Holm over 6 tests). Training noise is about 1.6
-  points: the same recipe with seed 43 gave -0.063 (e31)."""
+  the release passes the independent audit (Holm over 6 tests). Training noise is about 2.7
+  points: the same recipe with seeds 43 and 44 gave -0.063 (e31) and -0.084 (e33), and seed 44's
+  release failed the audit."""
   c = _demo_pseudo(c)
   c.variant = "demo"
   c.model.cond = "class"
