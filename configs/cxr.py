@@ -378,6 +378,8 @@ def _demo(c):
   c.select.n_candidates = 4        # 8 gave -0.033 and a narrow fail (e26): more candidates to
                                    # choose from is more chances for one near a training image
   c.audit.tau = 0.75               # selection's threshold: ~92% of first-round candidates rejected
+  c.compare.guidance = (0.7, 1.0, 1.2, 1.5, 1.7, 2.0, 3.0)  # the reference's range, then ours'
+                                   # operating point and past it
   return c
 
 

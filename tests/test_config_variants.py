@@ -225,7 +225,8 @@ def test_demo_is_the_guided_class_conditional_run():
   _differs_only_in("demo_pseudo", "demo", {
       "model.cond": "class", "model.dropout": 0.1, "regulariser.kanon_k": 0, "select.cond_k": 0,
       "train.total_images": 32 * 1500, "sample.guidance": 2.0, "select.guidance_floor": 1.0,
-      "select.n_candidates": 4, "audit.tau": 0.75})
+      "select.n_candidates": 4, "audit.tau": 0.75,
+      "compare.guidance": (0.7, 1.0, 1.2, 1.5, 1.7, 2.0, 3.0)})
 
 
 def test_demo_long_is_the_demo_trained_longer():
