@@ -17,7 +17,7 @@ from pso_jax.errors import UserError
 from pso_jax.evaluate import classifier as classifier_lib
 from pso_jax.evaluate import synthetic_utility
 from pso_jax.privacy import reid
-from pso_jax.report import comparison, html
+from pso_jax.report import compare_page, comparison, html
 from pso_jax.stages import checks
 from tolerances import reduction_rtol
 
@@ -181,6 +181,20 @@ def test_rows_are_each_workdirs_own_results(run, request):
     assert r["audit_verdict"] == audit["summary"]["verdict"] and r["released"] == sel["released"]
     stored = [json.loads(x) for x in open(os.path.join(wd, "timings.jsonl"))]
     assert r["seconds"] == pytest.approx(sum(x["seconds"] for x in stored))
+
+
+def test_the_tradeoff_figure_plots_the_audits_dcr_excess_not_selections_rate(full):
+  """Leakage in the figure is the independent audit's DCR excess of each release, its verdict in
+  the label; a release without a DCR test is left out (x None), not drawn at 0."""
+  rows = full[0]["rows"]
+  points = compare_page.tradeoff_points(rows)
+  assert len(points) == len(rows)
+  for (label, x, y, ci, marker), r in zip(points, rows):
+    assert x == pytest.approx(r["dcr_share"] - r["dcr_control_share"], abs=1e-12)
+    assert y == r["mean_auroc"] and ci == r["mean_auroc_ci"]
+    assert label.endswith(r["audit_verdict"]) and marker == ("o" if r["release"] == "selected" else "s")
+  assert [p[1] for p in points] != [r["first_round_rejection_rate"] for r in rows]
+  assert compare_page.tradeoff_points([dict(rows[0], dcr_share=None)])[0][1] is None
 
 
 def test_auroc_matches_scikit_learn_on_the_synthetic_classifier(full):
